@@ -1,0 +1,1 @@
+"""The driver: CLI, job config, Tune + OptunaSearch, Pareto front, MLflow tracking, promotion."""

@@ -1,0 +1,226 @@
+"""The `effsearch` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+# Nothing may be fetched at run time: no hub look-ups from timm or huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# effdet 0.4.1 decorates with torch.jit.script, which torch 2.14 deprecates loudly on every import.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+
+class UsageError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from search.frontier import FrontierError
+    from search.job import JobError
+    from trainers.data import DataError
+    from trainers.typed import ConfigError
+
+    try:
+        return args.func(args) or 0
+    except (UsageError, JobError, ConfigError, DataError, FrontierError) as err:
+        print(f"effsearch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("effsearch: interrupted; finished trials stay recorded in MLflow", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effsearch", description=__doc__.strip() + " EfficientDet search "
+                                     "on Ray Tune + Optuna, tracked in MLflow.")
+    sub = parser.add_subparsers(title="commands")
+
+    p = sub.add_parser("demo", help="make the shapes dataset, search, promote; all on this machine")
+    p.add_argument("--dir", type=Path, default=Path(".effsearch/demo"), help="where the dataset and job go")
+    p.add_argument("--trials", type=int, help="override the demo's number of trials")
+    p.add_argument("--epochs", type=int, help="override the demo's epochs per trial")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("search", help="run the search a job file describes")
+    p.add_argument("job", type=Path, help="job YAML file")
+    p.add_argument("--address", help="an existing Ray cluster to run on (default: a local Ray)")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("frontier", help="print an experiment's accuracy-vs-FLOPs frontier")
+    p.add_argument("experiment", help="experiment name (the job's name)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_frontier)
+
+    p = sub.add_parser("promote", help="register the best frontier model under a FLOPs budget as production")
+    p.add_argument("experiment", help="experiment name (the job's name)")
+    p.add_argument("--max-gflops", type=float, required=True, help="FLOPs budget, billions of multiply-adds")
+    p.add_argument("--model-name", help="registered model name (default: the experiment name)")
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("describe", help="parameters, GFLOPs and input size of a preset (d0..d7x) or a spec file")
+    p.add_argument("model", help="a preset name (d0..d7x) or a spec YAML/JSON file")
+    p.add_argument("--num-classes", type=int, default=90, help="classes for a preset (COCO's 90 by default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_describe)
+
+    p = sub.add_parser("make-shapes", help="write the synthetic shapes COCO dataset")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--train", type=int, default=600, help="training images")
+    p.add_argument("--val", type=int, default=100, help="validation images")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_shapes)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_ui)
+    return parser
+
+
+def _demo(args) -> int:
+    from search.demo import DEMO_PROMOTE_GFLOPS, demo_job
+
+    print(f"effsearch demo: writing the shapes dataset and job under {args.dir}")
+    job_file, job = demo_job(args.dir, trials=args.trials, epochs=args.epochs)
+    print(f"job file: {job_file}")
+    outcome = _run_and_report(job)
+    if not outcome.frontier:
+        raise UsageError("no trial finished, so there is nothing to promote")
+    budget = max(DEMO_PROMOTE_GFLOPS, min(p.gflops for p in outcome.frontier))
+    _promote_and_report(job.name, budget, job.registered_model_name)
+    _ui_hint()
+    return 0
+
+
+def _search(args) -> int:
+    from search.job import load_job
+
+    job = load_job(args.job)
+    _run_and_report(job, args.address)
+    print(f"next: effsearch frontier {job.name}   |   effsearch promote {job.name} --max-gflops X")
+    _ui_hint()
+    return 0
+
+
+def _run_and_report(job, address=None):
+    from search.frontier import format_table
+    from search.run import run_search
+    from search.tracking import tracking_uri
+
+    print(f"tracking store: {tracking_uri()}  experiment: {job.name}")
+    print(f"searching {job.search.trials} trials of space {job.search.space!r}, {job.train.epochs} epochs each")
+    outcome = run_search(job, ray_address=address)
+    print(f"\n{outcome.finished} trials finished, {outcome.failed} did not train. "
+          f"Frontier (parent run {outcome.parent_run_id}):")
+    print(format_table(outcome.frontier))
+    return outcome
+
+
+def _promote_and_report(experiment: str, max_gflops: float, model_name: str | None):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from search.promote import promote
+    from search.tracking import tracking_uri
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    promotion = promote(MlflowClient(uri), experiment, max_gflops, model_name)
+    print(f"\npromoted run {promotion.run_id} (AP {promotion.map:.3f}, {promotion.gflops:.3f} GFLOPs, "
+          f"budget {max_gflops:g}) as version {promotion.version}")
+    print(f"production model: {promotion.uri}")
+    if promotion.previous_version:
+        print(f"previous production version {promotion.previous_version} is kept as alias 'previous'")
+    return promotion
+
+
+def _frontier(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from search.frontier import compute_frontier, experiment_id_for, finished_trials, format_table
+    from search.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    front = compute_frontier(finished_trials(client, experiment_id_for(client, args.experiment)))
+    if args.json:
+        print(json.dumps([p.as_dict() for p in front], indent=2))
+    else:
+        print(format_table(front))
+    return 0
+
+
+def _promote(args) -> int:
+    _promote_and_report(args.experiment, args.max_gflops, args.model_name)
+    return 0
+
+
+def _describe(args) -> int:
+    from spaces import PRESETS, preset
+    from trainers.cost import model_cost
+    from trainers.spec import ModelSpec
+
+    if args.model.lower() in PRESETS:
+        spec = preset(args.model, num_classes=args.num_classes)
+    else:
+        path = Path(args.model)
+        if not path.is_file():
+            raise UsageError(f"{args.model}: neither a preset ({', '.join(PRESETS)}) nor a spec file")
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text())  # JSON is YAML too
+        except yaml.YAMLError as err:
+            raise UsageError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+        spec = ModelSpec.from_dict(raw, where=str(path))
+    cost = model_cost(spec)
+    info = {"model": args.model, "params": cost.params, "params_m": round(cost.params_m, 3),
+            "gflops": round(cost.gflops, 3), "image_size": spec.image_size, "spec": spec.to_dict()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.model}: {cost.params_m:.2f}M params, {cost.gflops:.2f} GFLOPs (multiply-adds) "
+              f"at {spec.image_size}x{spec.image_size}")
+    return 0
+
+
+def _make_shapes(args) -> int:
+    from trainers.shapes import make_shapes
+
+    paths = make_shapes(args.dir, train_images=args.train, val_images=args.val, seed=args.seed)
+    for split, p in paths.items():
+        print(f"{split}: {p['annotations']}  images: {p['images']}")
+    return 0
+
+
+def _ui(args) -> int:
+    from search.tracking import tracking_uri
+
+    uri = tracking_uri()
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", args.host, "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _ui_hint() -> None:
+    from search.tracking import tracking_uri
+
+    print(f"\nbrowse the runs and the frontier: effsearch ui   (MLflow on {tracking_uri()})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

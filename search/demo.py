@@ -1,0 +1,53 @@
+"""The embedded demo: the shapes dataset, a job file for it, a search, and a promotion, end to end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from search.job import Job, load_job
+
+DEMO_JOB = """\
+# The demo job: a small EfficientDet-Lite search on the synthetic shapes dataset, sized for 2 CPU cores.
+name: shapes-demo
+data:
+  train: {annotations: shapes/train/annotations.json, images: shapes/train/images}
+  val: {annotations: shapes/val/annotations.json, images: shapes/val/images}
+search:
+  space: lite_cpu
+  trials: 7
+  max_concurrent_trials: 1
+  seed: 0
+train:
+  epochs: 6
+  batch_size: 16
+  lr: 0.003
+  eval_every: 1
+resources:
+  workers_per_trial: 1
+  cpus_per_worker: 2
+"""
+
+DEMO_PROMOTE_GFLOPS = 0.15
+
+
+def prepare_demo(folder: Path) -> Path:
+    """Write the shapes dataset (once) and the demo job file into folder; returns the job file."""
+    from trainers.shapes import make_shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "shapes" / "val" / "annotations.json").exists():
+        make_shapes(folder / "shapes")
+    job_file = folder / "demo-job.yaml"
+    job_file.write_text(DEMO_JOB)
+    return job_file
+
+
+def demo_job(folder: Path, *, trials: int | None = None, epochs: int | None = None) -> tuple[Path, Job]:
+    from dataclasses import replace
+
+    job_file = prepare_demo(folder)
+    job = load_job(job_file)
+    if trials:
+        job = replace(job, search=replace(job.search, trials=trials))
+    if epochs:
+        job = replace(job, train=replace(job.train, epochs=epochs))
+    return job_file, job

@@ -1,0 +1,123 @@
+"""The job file: YAML parsed with safe_load into typed dataclasses, with errors that name the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spaces import SPACES
+from trainers.recipe import TrainConfig
+from trainers.typed import ConfigError, from_mapping
+
+
+class JobError(ValueError):
+    """The job file is unusable; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    annotations: str
+    images: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: DataSplit
+    val: DataSplit
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    space: str = "lite_cpu"
+    trials: int = 8
+    max_concurrent_trials: int = 1
+    seed: int = 0
+    max_gflops: float | None = None  # configurations above this are rejected before training
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 2
+    gpus_per_worker: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    data: DataConfig
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    model_name: str | None = None  # registered model name; defaults to the job name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.model_name or self.name
+
+
+def load_job(path: str | Path) -> Job:
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"{path}: job file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise JobError(f"{path}: malformed YAML{where}: {problem}") from None
+    return parse_job(raw, source=str(path), base_dir=path.parent)
+
+
+def parse_job(raw: Any, *, source: str = "job", base_dir: Path | str = ".") -> Job:
+    """Validate a parsed job; relative data paths are resolved against base_dir and must exist."""
+    try:
+        job = from_mapping(Job, raw, "job")
+    except ConfigError as err:
+        raise JobError(f"{source}: {err}") from None
+    _check_values(job, source)
+    return replace(job, data=_resolve_data(job.data, Path(base_dir), source))
+
+
+def _check_values(job: Job, source: str) -> None:
+    problems = []
+    if job.search.space not in SPACES:
+        problems.append(f"job.search.space: unknown space {job.search.space!r} (known: {', '.join(SPACES)})")
+    for key in ("trials", "max_concurrent_trials"):
+        if getattr(job.search, key) < 1:
+            problems.append(f"job.search.{key}: must be >= 1")
+    if job.search.max_gflops is not None and job.search.max_gflops <= 0:
+        problems.append("job.search.max_gflops: must be > 0")
+    for key in ("epochs", "batch_size", "eval_every"):
+        if getattr(job.train, key) < 1:
+            problems.append(f"job.train.{key}: must be >= 1")
+    if job.train.lr <= 0:
+        problems.append("job.train.lr: must be > 0")
+    for key in ("workers_per_trial", "cpus_per_worker"):
+        if getattr(job.resources, key) < 1:
+            problems.append(f"job.resources.{key}: must be >= 1")
+    if job.resources.gpus_per_worker < 0:
+        problems.append("job.resources.gpus_per_worker: must be >= 0")
+    if not job.name.strip():
+        problems.append("job.name: must not be empty")
+    if problems:
+        raise JobError(f"{source}: {problems[0]}")
+
+
+def _resolve_data(data: DataConfig, base: Path, source: str) -> DataConfig:
+    def resolve(split: str, key: str, want_file: bool) -> str:
+        value = Path(getattr(getattr(data, split), key)).expanduser()
+        path = value if value.is_absolute() else (base / value)
+        ok = path.is_file() if want_file else path.is_dir()
+        if not ok:
+            kind = "file" if want_file else "folder"
+            raise JobError(f"{source}: job.data.{split}.{key}: {kind} not found: {path}")
+        return str(path.resolve())
+
+    return DataConfig(**{
+        split: DataSplit(annotations=resolve(split, "annotations", True), images=resolve(split, "images", False))
+        for split in ("train", "val")
+    })

@@ -1,0 +1,54 @@
+"""A live, line-per-event progress display of a search, as a Tune callback."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+
+class ProgressPrinter(Callback):
+    def __init__(self, total_trials: int, total_epochs: int, stream=None):
+        self.total_trials = total_trials
+        self.total_epochs = total_epochs
+        self.stream = stream or sys.stdout
+        self.started = time.monotonic()
+        self.numbers: dict[str, int] = {}
+        self.done = 0
+
+    def _say(self, text: str) -> None:
+        elapsed = int(time.monotonic() - self.started)
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=self.stream, flush=True)
+
+    def _name(self, trial) -> str:
+        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+        return f"trial {number}/{self.total_trials}"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        spec = trial.config.get("spec", {})
+        shape = ", ".join(f"{k}={spec[k]}" for k in ("image_size", "backbone_width", "backbone_depth",
+                                                      "fpn_channels", "fpn_repeats") if k in spec)
+        self._say(f"{self._name(trial)} started: {shape}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        ap = result.get("map")
+        ap_text = f"AP {ap:.3f}" if ap is not None else "AP -"
+        self._say(f"{self._name(trial)} epoch {result.get('epoch')}/{self.total_epochs}: {ap_text}, "
+                  f"loss {result.get('loss', float('nan')):.3f}, {result.get('gflops', 0):.3f} GFLOPs, "
+                  f"{result.get('epoch_s', 0):.0f} s/epoch")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        ap = (trial.last_result or {}).get("map")
+        self._say(f"{self._name(trial)} finished" + (f": AP {ap:.3f}" if ap is not None else "")
+                  + f" ({self.done}/{self.total_trials} done)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._say(f"{self._name(trial)} did not train: {_last_line(trial)} ({self.done}/{self.total_trials} done)")
+
+
+def _last_line(trial) -> str:
+    from search.tracking import _error_summary
+
+    return _error_summary(trial) or "error (see the trial's log)"

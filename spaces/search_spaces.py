@@ -1,0 +1,67 @@
+"""Define-by-run search spaces: each is a function of an optuna.Trial that returns {"spec": {...}}."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optuna
+
+Space = Callable[[optuna.Trial], dict[str, Any]]
+
+
+def scaled_anchor(image_size: int) -> float:
+    # effdet's anchor_scale=4 suits 512-640 px inputs; smaller inputs need proportionally smaller anchors,
+    # or most objects match no anchor at IoU 0.5 (DESIGN.md: 56% unmatched at 128 px).
+    return round(6.0 * image_size / 512, 3)
+
+
+# EfficientNet's compound-scaling constants: depth alpha, width beta, resolution gamma (alpha * beta^2 * gamma^2 ~ 2).
+ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
+
+
+def lite_cpu(trial: optuna.Trial) -> dict[str, Any]:
+    """EfficientDet-Lite below D0, sized so every configuration trains in 1-4 minutes on 2 CPU cores.
+
+    One compound coefficient phi scales backbone width, depth and input resolution together, from a base of
+    width 0.5, depth 0.5 at 160 px; the BiFPN's width and depth are searched beside it. Levels stop at P5:
+    at these inputs P6/P7 are 1-2 px maps whose BatchNorm statistics are noise (DESIGN.md).
+    """
+    phi = trial.suggest_int("phi", 0, 2)
+    image_size = 32 * round(160 * GAMMA**phi / 32)
+    spec = {
+        "backbone_family": "efficientnet_lite",
+        "backbone_width": round(0.5 * BETA**phi, 3),
+        "backbone_depth": round(0.5 * ALPHA**phi, 3),
+        "image_size": image_size,
+        "fpn_channels": trial.suggest_int("fpn_channels", 32, 64, step=16),
+        "fpn_repeats": trial.suggest_int("fpn_repeats", 1, 3),
+        "head_repeats": 2,
+        "min_level": 3,
+        "max_level": 5,
+        "anchor_scale": scaled_anchor(image_size),
+        "fusion": "fastattn",
+        # effdet's 0.01 momentum barely moves in a few hundred CPU steps (DESIGN.md).
+        "bn_momentum": 0.1,
+    }
+    return {"spec": spec}
+
+
+def efficientdet(trial: optuna.Trial) -> dict[str, Any]:
+    """The paper's compound-scaling family around D0..D3, for GPU clusters."""
+    image_size = trial.suggest_int("image_size", 384, 896, step=128)
+    spec = {
+        "backbone_family": trial.suggest_categorical("backbone_family", ["efficientnet", "efficientnet_lite"]),
+        "backbone_width": trial.suggest_float("backbone_width", 0.75, 1.2, step=0.05),
+        "backbone_depth": trial.suggest_float("backbone_depth", 0.75, 1.4, step=0.05),
+        "image_size": image_size,
+        "fpn_channels": trial.suggest_int("fpn_channels", 48, 160, step=16),
+        "fpn_repeats": trial.suggest_int("fpn_repeats", 2, 6),
+        "head_repeats": trial.suggest_int("head_repeats", 2, 4),
+        "min_level": 3,
+        "max_level": 7,
+        "anchor_scale": 4.0,
+        "fusion": trial.suggest_categorical("fusion", ["fastattn", "sum"]),
+    }
+    return {"spec": spec}
+
+
+SPACES: dict[str, Space] = {"lite_cpu": lite_cpu, "efficientdet": efficientdet}

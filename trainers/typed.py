@@ -1,0 +1,64 @@
+"""Builds typed, frozen dataclasses from untrusted mappings (YAML, JSON), naming the key of any bad value."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names its key."""
+
+
+def from_mapping(cls: type[T], data: Any, where: str) -> T:
+    """cls(**data) with every field type-checked; nested dataclasses recurse, and `where` prefixes messages."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+    missing = [name for name, f in fields.items() if name not in data and _required(f)]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: missing required key")
+    values = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{err}") from None
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        # YAML writes 1 for 1.0: accept ints for floats, never bools or strings.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string, got {value!r}")
+        return value
+    return value
