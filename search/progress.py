@@ -11,14 +11,14 @@ class ProgressPrinter(Callback):
     def __init__(self, total_trials: int, total_epochs: int, stream=None):
         self.total_trials = total_trials
         self.total_epochs = total_epochs
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: whatever sys.stdout is when printing (Tune pickles its callbacks)
         self.started = time.monotonic()
         self.numbers: dict[str, int] = {}
         self.done = 0
 
     def _say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.started)
-        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=self.stream, flush=True)
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=self.stream or sys.stdout, flush=True)
 
     def _name(self, trial) -> str:
         number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)

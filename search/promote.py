@@ -42,17 +42,17 @@ def promote(client: MlflowClient, experiment: str, max_gflops: float | None, mod
     model_uri = client.get_run(best.run_id).data.tags.get(MODEL_URI_TAG)
     if not model_uri:
         raise FrontierError(f"run {best.run_id} has no logged model to promote (tag {MODEL_URI_TAG} is missing)")
-    version = mlflow.register_model(model_uri, name).version
+    version = str(mlflow.register_model(model_uri, name).version)
     if previous is not None and previous != version:
         client.set_registered_model_alias(name, PREVIOUS, previous)
     client.set_registered_model_alias(name, PRODUCTION, version)
     client.set_model_version_tag(name, version, "gflops", f"{best.gflops:.4f}")
     client.set_model_version_tag(name, version, "map", f"{best.map:.4f}")
-    return Promotion(name, str(version), best.run_id, best.map, best.gflops, previous)
+    return Promotion(name, version, best.run_id, best.map, best.gflops, previous)
 
 
 def _current_version(client: MlflowClient, name: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, PRODUCTION).version
+        return str(client.get_model_version_by_alias(name, PRODUCTION).version)
     except MlflowException:
         return None

@@ -1,10 +1,21 @@
-"""The Tune function trainable ("driver") of one trial: budget check, then a Ray Train TorchTrainer."""
+"""The Tune function trainable ("driver") of one trial: budget check, then a Ray Train TorchTrainer.
+
+Train's metrics reach Tune through a small forwarding callback rather than ray.tune's TuneReportCallback.
+With Ray 2.60, TuneReportCallback deadlocks when the TorchTrainer returns while its last report is still
+queued between actors: the trial's main thread then blocks putting that report into a result queue that
+already holds the end-of-function marker (seen here in a 2-epoch trial; the trial never finishes).
+Reporting from this function's own thread, in order, and returning only after the last one is consumed,
+avoids that race.
+"""
 from __future__ import annotations
+
+import threading
 
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Queue
 
 from spaces import check_budget
 from trainers.loop import train_worker
@@ -12,6 +23,21 @@ from trainers.spec import ModelSpec
 
 # The driver only waits on its TorchTrainer; Ray needs a nonzero reservation to place it.
 DRIVER_CPUS = 0.01
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+_DONE = "__effsearch_train_done__"
+
+
+class ForwardReports(UserCallback):
+    """Runs in Train's controller: passes rank 0's metrics (and checkpoint path) to the trial's driver."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self.queue.put(item)
 
 
 def run_trial(config: dict, *, job: dict) -> None:
@@ -19,22 +45,45 @@ def run_trial(config: dict, *, job: dict) -> None:
     spec = ModelSpec.from_dict({**config["spec"], "num_classes": job["num_classes"]}, where="trial spec")
     # Rejected before any worker starts: an over-budget configuration costs no accelerator time.
     check_budget(spec, job["max_gflops"])
+    queue = Queue(actor_options={"num_cpus": 0})
+    _fit_and_forward(_torch_trainer(spec, job, ForwardReports(queue)), queue)
+
+
+def _torch_trainer(spec: ModelSpec, job: dict, forward: ForwardReports) -> TorchTrainer:
     resources = job["resources"]
     use_gpu = resources["gpus_per_worker"] > 0
     per_worker = {"CPU": resources["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = resources["gpus_per_worker"]
     train = dict(job["train"])
-    train.setdefault("threads", 0)
-    if not train["threads"] and not use_gpu:
-        train["threads"] = resources["cpus_per_worker"]
+    if not train.get("threads") and not use_gpu:
+        train["threads"] = resources["cpus_per_worker"]  # one intra-op thread per reserved core
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec.to_dict(), "data": job["data"], "train": train},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources["workers_per_trial"], use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}", storage_path=job["storage_path"], callbacks=[TuneReportCallback()]),
+            name=f"train-{trial_id}", storage_path=job["storage_path"], callbacks=[forward]),
     )
-    trainer.fit()
+
+
+def _fit_and_forward(trainer: TorchTrainer, queue: Queue) -> None:
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the trial's thread below, so Tune marks the trial failed
+            failure.append(err)
+        finally:
+            queue.put(_DONE)
+
+    thread = threading.Thread(target=fit, name="torch-trainer", daemon=True)
+    thread.start()
+    while (item := queue.get()) != _DONE:
+        ray.tune.report(item)
+    thread.join()
+    if failure:
+        raise failure[0]

@@ -29,7 +29,7 @@ def from_mapping(cls: type[T], data: Any, where: str) -> T:
     try:
         return cls(**values)
     except ConfigError as err:
-        raise ConfigError(f"{where}.{err}") from None
+        raise type(err)(f"{where}.{err}") from None
 
 
 def _required(field: dataclasses.Field) -> bool:

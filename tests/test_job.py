@@ -1,0 +1,89 @@
+"""The job file: YAML into typed dataclasses, and bad input as a one-line error from the CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from search.job import JobError, load_job, parse_job
+
+
+def _job_text(shapes, **overrides):
+    train, val = shapes["train"], shapes["val"]
+    text = (f"name: t\ndata:\n  train: {{annotations: {train['annotations']}, images: {train['images']}}}\n"
+            f"  val: {{annotations: {val['annotations']}, images: {val['images']}}}\n")
+    for section, body in overrides.items():
+        text += f"{section}:\n" + "".join(f"  {line}\n" for line in body)
+    return text
+
+
+def test_defaults_and_overrides(tmp_path, shapes):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, search=["trials: 3", "max_gflops: 0.2"], train=["epochs: 2", "lr: 1"]))
+    job = load_job(path)
+    assert job.search.trials == 3 and job.search.max_gflops == 0.2 and job.search.space == "lite_cpu"
+    assert job.train.epochs == 2 and job.train.lr == 1.0 and job.train.batch_size == 16
+    assert job.registered_model_name == "t"
+
+
+def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
+    import shutil
+
+    shutil.copytree(Path(shapes["train"]["annotations"]).parent.parent, tmp_path / "data")
+    raw = {"name": "t", "data": {
+        "train": {"annotations": "data/train/annotations.json", "images": "data/train/images"},
+        "val": {"annotations": "data/val/annotations.json", "images": "data/val/images"}}}
+    job = parse_job(raw, base_dir=tmp_path)
+    assert job.data.train.annotations == str((tmp_path / "data/train/annotations.json").resolve())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"search": ["trails: 3"]}, "job.search.trails: unknown key"),
+    ({"search": ["trials: many"]}, "job.search.trials: must be an integer, got 'many'"),
+    ({"search": ["trials: 0"]}, "job.search.trials: must be >= 1"),
+    ({"search": ["space: nope"]}, "job.search.space: unknown space 'nope'"),
+    ({"train": ["lr: -1"]}, "job.train.lr: must be > 0"),
+    ({"resources": ["gpus_per_worker: -1"]}, "job.resources.gpus_per_worker: must be >= 0"),
+    ({"colour": ["x: 1"]}, "job.colour: unknown key"),
+])
+def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, **extra))
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_data_path_names_the_key(tmp_path, shapes):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes).replace(shapes["val"]["images"], "/no/such/folder"))
+    with pytest.raises(JobError, match=r"job.data.val.images: folder not found: /no/such/folder"):
+        load_job(path)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("name: t\ndata: [unclosed\n", "malformed YAML at line 3"),
+    ("name: t\ndata: {train: {annotations: a.json, images: .}, val: {annotations: a.json, images: .}}\n"
+     "serach: {trials: 2}\n", "job.serach: unknown key"),
+    ("name: t\ndata: {train: {annotations: missing.json, images: .}, val: {annotations: a.json, images: .}}\n",
+     "job.data.train.annotations: file not found"),
+])
+def test_cli_reports_bad_job_in_one_line(tmp_path, content, fragment):
+    path = tmp_path / "job.yaml"
+    path.write_text(content)
+    (tmp_path / "a.json").write_text("{}")
+    result = _cli("search", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and str(path) in lines[0]
+
+
+def test_cli_reports_missing_job_file(tmp_path):
+    result = _cli("search", "nowhere.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "effsearch: error: nowhere.yaml: job file not found"

@@ -1,0 +1,113 @@
+"""A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from search.frontier import compute_frontier, finished_trials
+from search.job import parse_job
+from search.promote import PREVIOUS, PRODUCTION, promote
+from search.run import run_search
+from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
+
+BUDGET = 0.1  # GFLOPs: the space spans ~0.045-0.205, so some proposals are over it
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, shapes):
+    folder = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    job = parse_job({
+        "name": "search-test",
+        "data": {"train": shapes["train"], "val": shapes["val"]},
+        "search": {"trials": 3, "max_concurrent_trials": 2, "seed": 1, "max_gflops": BUDGET},
+        "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    })
+    try:
+        outcome = run_search(job, store=folder / "store")
+        yield outcome, MlflowClient(uri), job
+    finally:
+        ray.shutdown()
+        mp.undo()
+
+
+def _children(client, outcome):
+    return client.search_runs([outcome.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+
+
+def test_every_trial_is_a_child_run(searched):
+    outcome, client, job = searched
+    children = _children(client, outcome)
+    assert len(children) == job.search.trials
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.trials"] == "3"
+
+
+def test_trained_trials_have_per_epoch_metrics_and_params(searched):
+    outcome, client, job = searched
+    trained = [r for r in _children(client, outcome) if r.info.status == "FINISHED"]
+    assert trained, "the seeded search should train at least one in-budget configuration"
+    for run in trained:
+        history = client.get_metric_history(run.info.run_id, "map")
+        assert [m.step for m in history] == [1, 2]
+        assert all(0.0 <= m.value <= 1.0 for m in history)
+        assert 0 < run.data.metrics["gflops"] <= BUDGET
+        assert run.data.metrics["params_m"] > 0 and "map50" in run.data.metrics
+        assert run.data.params["backbone_family"] == "efficientnet_lite"
+        assert run.data.tags[FULL_BUDGET_TAG] == "true"
+
+
+def test_over_budget_trials_are_rejected_without_training(searched):
+    outcome, client, job = searched
+    rejected = [r for r in _children(client, outcome) if r.info.status == "FAILED"]
+    assert rejected, "seed 1 proposes at least one configuration over the budget"
+    for run in rejected:
+        assert "exceeds the budget of 0.1 GFLOPs" in run.data.tags["effsearch.error"]
+        assert "map" not in run.data.metrics and "epoch_s" not in run.data.metrics
+    assert outcome.failed == len(rejected)
+
+
+def test_frontier_is_tagged_and_attached(searched):
+    outcome, client, job = searched
+    points = finished_trials(client, outcome.experiment_id)
+    front_ids = {p.run_id for p in compute_frontier(points)}
+    assert front_ids == {p.run_id for p in outcome.frontier}
+    for point in points:
+        tag = client.get_run(point.run_id).data.tags[FRONTIER_TAG]
+        assert tag == ("true" if point.run_id in front_ids else "false")
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"frontier.csv", "frontier.html", "frontier.png"} <= artifacts
+
+
+def test_promote_sets_production_and_keeps_previous(searched):
+    outcome, client, job = searched
+    first = promote(client, job.name, max_gflops=BUDGET)
+    assert str(client.get_model_version_by_alias(job.name, PRODUCTION).version) == first.version
+    assert first.uri == f"models:/{job.name}@{PRODUCTION}"
+    assert first.run_id in {p.run_id for p in outcome.frontier}
+    second = promote(client, job.name, max_gflops=BUDGET)
+    assert str(client.get_model_version_by_alias(job.name, PRODUCTION).version) == second.version
+    assert str(client.get_model_version_by_alias(job.name, PREVIOUS).version) == first.version
+
+
+def test_promoted_model_loads_and_runs(searched):
+    import mlflow.pytorch
+    import torch
+
+    outcome, client, job = searched
+    promotion = promote(client, job.name, max_gflops=BUDGET)
+    model = mlflow.pytorch.load_model(promotion.uri)
+    size = int(client.get_run(promotion.run_id).data.params["image_size"])
+    classes, boxes = model(torch.zeros(2, 3, size, size))
+    assert classes[0].shape[0] == 2 and boxes[0].shape[1] == 9 * 4
+
+
+def test_promote_refuses_an_impossible_budget(searched):
+    from search.frontier import FrontierError
+
+    outcome, client, job = searched
+    with pytest.raises(FrontierError, match="fits within 0.001 GFLOPs; the cheapest frontier model needs"):
+        promote(client, job.name, max_gflops=0.001)
