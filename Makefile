@@ -6,12 +6,14 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test clean
 
+# -qq keeps pip to errors: this machine's pip config names local wheel folders that do not all exist.
 $(INSTALLED): pyproject.toml
+	@echo "installing into $(VENV) (about 3 minutes the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 	# These two builds lie on the machine's own disk; any other version downloads gigabytes.
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install -qq torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -qq -e '.[test]'
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

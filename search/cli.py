@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # MLflow logs store migrations and registrations at INFO; the CLI prints its own summary instead.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     from search.frontier import FrontierError
     from search.job import JobError
     from trainers.data import DataError

@@ -21,7 +21,8 @@ search:
 train:
   epochs: 6
   batch_size: 16
-  lr: 0.003
+  lr: 0.01
+  warmup_epochs: 0.5
   eval_every: 1
 resources:
   workers_per_trial: 1

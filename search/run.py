@@ -93,7 +93,10 @@ def _start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     logging.getLogger("ray").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Tune's own console tables would interleave with ProgressPrinter's lines; with the legacy output
+    # engine, verbose=0 is silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
         return

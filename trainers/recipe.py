@@ -11,9 +11,11 @@ import torch
 class TrainConfig:
     epochs: int = 8
     batch_size: int = 16
-    lr: float = 3e-3
+    # AdamW from scratch: at batch 16 on shapes, lr 1e-2 with half an epoch of warmup reached AP 0.62 in
+    # 6 epochs where lr 3e-3 with one epoch of warmup reached 0.34 (same variant, same seed).
+    lr: float = 1e-2
     weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     eval_every: int = 2  # evaluating every epoch costs 2-5 s of a ~15 s CPU epoch; the last epoch always evaluates
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 leaves torch's default

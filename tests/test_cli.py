@@ -1,0 +1,73 @@
+"""The command line as a user meets it: help for every command, and `ui` serving the tracking store."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from search.cli import main
+
+COMMANDS = ["demo", "search", "frontier", "promote", "describe", "make-shapes", "ui"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert f"usage: effsearch {command}" in capsys.readouterr().out
+
+
+def test_frontier_of_unknown_experiment_is_one_line(mlflow_uri, capsys):
+    assert main(["frontier", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("effsearch: error: no experiment named 'nope'") and "\n" not in err
+
+
+def test_make_shapes_is_deterministic(tmp_path):
+    assert main(["make-shapes", str(tmp_path / "a"), "--train", "5", "--val", "2"]) == 0
+    assert main(["make-shapes", str(tmp_path / "b"), "--train", "5", "--val", "2"]) == 0
+    for split in ("train", "val"):
+        a = (tmp_path / "a" / split / "annotations.json").read_text()
+        assert a == (tmp_path / "b" / split / "annotations.json").read_text()
+        data = json.loads(a)
+        assert sorted(c["id"] for c in data["categories"]) == [1, 3, 5]
+        first = sorted((tmp_path / "a" / split / "images").iterdir())[0]
+        assert first.read_bytes() == (tmp_path / "b" / split / "images" / first.name).read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_tracking_store_on_loopback(tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(mlflow_uri).create_experiment("visible-in-ui")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    server = subprocess.Popen([sys.executable, "-m", "search.cli", "ui", "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        body, deadline = None, time.monotonic() + 90
+        while time.monotonic() < deadline and body is None:
+            try:
+                url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10"
+                body = json.loads(urllib.request.urlopen(url, timeout=5).read())
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "the MLflow UI did not answer within 90 s"
+        assert "visible-in-ui" in {e["name"] for e in body["experiments"]}
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        assert "<html" in page.lower()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
