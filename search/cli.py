@@ -13,6 +13,7 @@ from pathlib import Path
 # Nothing may be fetched at run time: no hub look-ups from timm or huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 # effdet 0.4.1 decorates with torch.jit.script, which torch 2.14 deprecates loudly on every import.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
@@ -27,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # MLflow logs store migrations and registrations at INFO; the CLI prints its own summary instead.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     from search.frontier import FrontierError
     from search.job import JobError
     from trainers.data import DataError
     from trainers.typed import ConfigError
+
+    # MLflow logs store migrations and registrations at INFO (set on import); the CLI prints its own summary.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     try:
         return args.func(args) or 0

@@ -19,7 +19,7 @@ search:
   max_concurrent_trials: 2
   seed: 0
 train:
-  epochs: 6
+  epochs: 5
   batch_size: 16
   lr: 0.01
   warmup_epochs: 0.5
