@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import optuna
@@ -20,7 +21,7 @@ from search.progress import ProgressPrinter
 from search.tracking import DEFAULT_STORE, MlflowTrialLogger, ensure_experiment, tracking_uri
 from search.trainable import DRIVER_CPUS, run_trial
 from spaces import METRICS, MODES, SPACES
-from trainers.data import load_coco
+from trainers.validate import load_coco, validate_split
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,17 @@ class SearchOutcome:
     failed: int
 
 
-def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE) -> SearchOutcome:
+def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE,
+               say: Callable[[str], None] = print) -> SearchOutcome:
+    # Bad data fails here, in one line, before any run is created or any worker starts.
+    reports = {split: validate_split(getattr(job.data, split).annotations, getattr(job.data, split).images)
+               for split in ("train", "val")}
+    for report in reports.values():
+        say(f"data: {report.summary()}")
+    num_classes = len(load_coco(job.data.train.annotations).dataset["categories"])
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    num_classes = len(load_coco(job.data.train.annotations).dataset["categories"])
-    load_coco(job.data.val.annotations)  # a malformed val file should fail now, not after hours of training
 
     experiment_id = ensure_experiment(client, job.name)
     parent = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -45,6 +51,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     parent_id = parent.info.run_id
     for key, value in _flat_params(job).items():
         client.log_param(parent_id, key, value)
+    for split, report in reports.items():
+        client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
 
     store = store.resolve()
     storage_path = str(store / "ray")

@@ -18,7 +18,8 @@ PARENT_TAG = "mlflow.parentRunId"
 MODEL_URI_TAG = "effsearch.model_uri"  # the logged model (models:/m-...) that promotion registers
 # Per-epoch metrics worth a curve in the UI.
 EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
-                 "epoch_s", "images_per_s", "gflops", "params_m", "latency_ms")
+                 "epoch_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
+                 "shard_overlap", "eval_images", "dropped_boxes")
 MODEL_PIP_REQUIREMENTS = ["torch==2.14.1", "effdet==0.4.1"]
 
 

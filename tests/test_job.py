@@ -87,3 +87,26 @@ def test_cli_reports_bad_job_in_one_line(tmp_path, content, fragment):
 def test_cli_reports_missing_job_file(tmp_path):
     result = _cli("search", "nowhere.yaml", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == "effsearch: error: nowhere.yaml: job file not found"
+
+
+def test_cli_reports_bad_annotations_before_any_run(tmp_path, shapes):
+    import json
+
+    data = json.loads(Path(shapes["val"]["annotations"]).read_text())
+    bad_id = data["annotations"][0]["id"]
+    data["annotations"][0]["category_id"] = 99
+    bad = tmp_path / "val.json"
+    bad.write_text(json.dumps(data))
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes).replace(shapes["val"]["annotations"], str(bad)))
+    env_store = tmp_path / "store.db"
+    result = subprocess.run([sys.executable, "-m", "search.cli", "search", str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+                                 "MLFLOW_TRACKING_URI": f"sqlite:///{env_store}"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert f"val.json: annotation id {bad_id}" in line and "unknown category_id 99" in line
+    assert not env_store.exists()  # nothing was recorded for a search that could not start

@@ -6,24 +6,18 @@ below are the only place either convention is translated.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
+
+from trainers.validate import DataError, DataReport, load_coco, validate_coco
 
 MAX_BOXES = 100  # per image; effdet pads targets to a fixed count
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
-
-
-class DataError(ValueError):
-    """The dataset is unusable; the message names the file and the record."""
 
 
 @dataclass(frozen=True)
@@ -62,29 +56,11 @@ def effdet_detections_to_coco(detections: np.ndarray, image_id: int, labels: Lab
     return results
 
 
-def load_coco(annotation_file: str | Path) -> COCO:
-    """pycocotools COCO with a clear error for a missing or malformed file."""
-    path = Path(annotation_file)
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing or non-list key {key!r}")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
 class CocoDetection(torch.utils.data.Dataset):
     """Images resized (longest side) and padded to a square model input, with effdet-convention targets."""
 
-    def __init__(self, annotation_file, image_dir, image_size: int, *, train: bool, seed: int = 0):
+    def __init__(self, annotation_file, image_dir, image_size: int, *, train: bool, seed: int = 0,
+                 check_images: bool = False):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         self.image_size = image_size
@@ -92,27 +68,26 @@ class CocoDetection(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.coco = load_coco(self.annotation_file)
+        # Fatal problems raise here, before any training; degenerate boxes are listed in the report.
+        self.report: DataReport = validate_coco(self.coco, self.annotation_file, self.image_dir,
+                                                check_images=check_images)
         self.labels = LabelMap(tuple(sorted(c["id"] for c in self.coco.dataset["categories"])))
         self.image_ids = sorted(self.coco.imgs)
-        self.dropped_boxes = 0
         self._targets = {i: self._boxes_for(i) for i in self.image_ids}
         self._cache: dict[int, np.ndarray] = {}
 
+    @property
+    def dropped_boxes(self) -> int:
+        return len(self.report.degenerate_ids)
+
     def _boxes_for(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-        info = self.coco.imgs[image_id]
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            where = f"{self.annotation_file}: annotation id {ann.get('id')} (image id {image_id})"
-            if ann.get("category_id") not in self.labels.category_ids:
-                raise DataError(f"{where}: unknown category_id {ann.get('category_id')}")
-            if ann.get("iscrowd", 0):
-                continue  # crowd regions are not trained on; COCOeval treats them as ignore regions
             x, y, w, h = ann["bbox"]
-            if w <= 1 or h <= 1:
-                self.dropped_boxes += 1
+            # Crowd regions are not trained on (COCOeval treats them as ignore regions); degenerate boxes
+            # were counted by validation and are dropped.
+            if ann.get("iscrowd", 0) or w <= 1 or h <= 1:
                 continue
-            if x < -1 or y < -1 or x + w > info["width"] + 1 or y + h > info["height"] + 1:
-                raise DataError(f"{where}: box {ann['bbox']} lies outside the {info['width']}x{info['height']} image")
             boxes.append([x, y, w, h])
             labels.append(self.labels.to_label(ann["category_id"]))
         return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64)

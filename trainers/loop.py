@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from trainers.cost import latency_ms, model_cost
@@ -18,6 +19,7 @@ from trainers.evaluate import CocoEvaluator
 from trainers.model import build_model, predict_bench, train_bench
 from trainers.recipe import TrainConfig, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
+from trainers.syncbn import convert_sync_batchnorm
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
@@ -39,20 +41,32 @@ class NonFiniteLoss(RuntimeError):
 
 
 def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *, rank: int = 0,
-        world_size: int = 1, prepare_model=lambda m: m, prepare_loader=lambda d: d) -> dict:
-    """Train `spec` on `data`, evaluate with COCOeval, call `report` once per epoch; returns the last metrics."""
+        world_size: int = 1, device: torch.device | str = "cpu", prepare_model=lambda m: m) -> dict:
+    """Train `spec` on `data`, evaluate with COCOeval, call `report` once per epoch; returns the last metrics.
+
+    With world_size > 1 the caller has set up torch.distributed (Ray Train does): each rank trains on its
+    own shard, BatchNorm is synchronised unless recipe.sync_bn is off, and rank 0 evaluates the detections
+    gathered from every rank. `prepare_model` wraps the training bench for data parallelism (DDP).
+    """
     torch.manual_seed(recipe.seed)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    device = torch.device(device)
     cost = model_cost(spec)
-    train_set = CocoDetection(data.train_annotations, data.train_images, spec.image_size, train=True, seed=recipe.seed)
-    val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False)
-    train_loader = prepare_loader(torch.utils.data.DataLoader(
-        train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(recipe.seed)))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, collate_fn=collate)
+    # Both splits are validated, images included, before the first step.
+    train_set = CocoDetection(data.train_annotations, data.train_images, spec.image_size, train=True,
+                              seed=recipe.seed, check_images=True)
+    val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False, check_images=True)
+    sampler = _train_sampler(train_set, recipe, rank, world_size)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, sampler=sampler,
+                                               drop_last=True, collate_fn=collate)
+    # Each rank predicts every world_size-th validation image; rank 0 scores them all.
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=recipe.batch_size, collate_fn=collate)
 
-    model = build_model(spec)
+    model = build_model(spec).to(device)
+    if world_size > 1 and recipe.sync_bn:
+        model = convert_sync_batchnorm(model, device)
     bench = prepare_model(train_bench(model))
     predictor = predict_bench(model)
     optimizer = build_optimizer(model, recipe)
@@ -62,11 +76,12 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
     accuracy: dict = {}
     for epoch in range(1, recipe.epochs + 1):
         train_set.epoch = epoch
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        shard_overlap = _shard_overlap(list(sampler), world_size)
         bench.train()
-        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        start, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
         for step, (images, targets) in enumerate(train_loader, 1):
+            images, targets = images.to(device), {k: v.to(device) for k, v in targets.items()}
             loss = bench(images, targets)["loss"]
             if not math.isfinite(loss.item()):
                 raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {step}")
@@ -79,15 +94,17 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
             loss_sum += loss.item()
         epoch_s = time.perf_counter() - start
         last = epoch == recipe.epochs
-        if rank == 0 and (last or epoch % recipe.eval_every == 0):
-            accuracy = _evaluate(predictor, val_loader, evaluator)
+        if last or epoch % recipe.eval_every == 0:
+            accuracy = _evaluate(predictor, val_loader, evaluator, device, rank, world_size)
         metrics = {
             "epoch": epoch, "loss": loss_sum / max(1, step), "epoch_s": epoch_s,
             "images_per_s": seen * world_size / epoch_s, "gflops": cost.gflops, "params_m": cost.params_m,
-            "lr": schedule.get_last_lr()[0], **accuracy,
+            "lr": schedule.get_last_lr()[0], "dropped_boxes": train_set.dropped_boxes + val_set.dropped_boxes,
+            "world_size": world_size, "train_images": seen * world_size, "shard_overlap": shard_overlap,
+            **accuracy,
         }
         if last and rank == 0:
-            metrics["latency_ms"] = latency_ms(model, spec.image_size)
+            metrics["latency_ms"] = latency_ms(model, spec.image_size, device=str(device))
             metrics["full_budget"] = 1  # the trial ran every epoch it was given: eligible for the frontier
             with tempfile.TemporaryDirectory() as folder:
                 save_model(model, spec, folder)
@@ -97,14 +114,55 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
     return metrics
 
 
-def _evaluate(predictor, loader, evaluator: CocoEvaluator) -> dict:
+class _SingleProcessSampler(torch.utils.data.RandomSampler):
+    """A seeded RandomSampler with DistributedSampler's set_epoch, so one code path serves both."""
+
+    def __init__(self, dataset, seed: int):
+        super().__init__(dataset, generator=torch.Generator())
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
+def _train_sampler(dataset, recipe: TrainConfig, rank: int, world_size: int):
+    if world_size == 1:
+        return _SingleProcessSampler(dataset, recipe.seed)
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                               seed=recipe.seed, drop_last=True)
+
+
+def _shard_overlap(indices: list[int], world_size: int) -> int:
+    """How many sample indices more than one rank will train on this epoch (0 when the shards are disjoint)."""
+    if world_size == 1:
+        return 0
+    shards: list = [None] * world_size
+    dist.all_gather_object(shards, indices)
+    everyone = [index for shard in shards for index in shard]
+    return len(everyone) - len(set(everyone))
+
+
+def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int) -> dict:
     predictor.eval()
-    evaluator.reset()
+    image_ids, detections = [], []
     with torch.inference_mode():
         for images, targets in loader:
-            detections = predictor(images, {"img_scale": targets["img_scale"], "img_size": targets["img_size"]})
-            evaluator.process(targets["image_id"], detections.cpu().numpy())
-    return evaluator.evaluate()
+            info = {"img_scale": targets["img_scale"].to(device), "img_size": targets["img_size"].to(device)}
+            image_ids.append(targets["image_id"].numpy())
+            detections.append(predictor(images.to(device), info).cpu().numpy())
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (image_ids, detections))
+        image_ids = [ids for part in gathered for ids in part[0]]
+        detections = [dets for part in gathered for dets in part[1]]
+    if rank != 0:
+        return {}
+    evaluator.reset()
+    for ids, dets in zip(image_ids, detections):
+        evaluator.process(ids, dets)
+    scores = evaluator.evaluate()
+    scores["eval_images"] = len(set(evaluator.image_ids))
+    return scores
 
 
 def save_model(model: torch.nn.Module, spec: ModelSpec, folder: str | Path) -> None:
@@ -137,6 +195,6 @@ def train_worker(config: dict) -> None:
 
     fit(
         ModelSpec.from_dict(config["spec"]), DataPaths(**config["data"]), TrainConfig(**config["train"]), report,
-        rank=context.get_world_rank(), world_size=context.get_world_size(),
-        prepare_model=ray.train.torch.prepare_model, prepare_loader=ray.train.torch.prepare_data_loader,
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
+        prepare_model=ray.train.torch.prepare_model,
     )

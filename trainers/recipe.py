@@ -19,6 +19,7 @@ class TrainConfig:
     eval_every: int = 2  # evaluating every epoch costs 2-5 s of a ~15 s CPU epoch; the last epoch always evaluates
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 leaves torch's default
+    sync_bn: bool = True  # synchronise BatchNorm statistics across workers when there are several
 
     def to_dict(self) -> dict:
         return asdict(self)
