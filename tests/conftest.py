@@ -1,4 +1,5 @@
 """Shared fixtures: a small shapes dataset and a throwaway MLflow store; nothing is fetched from a hub."""
+import contextlib
 import os
 import warnings
 
@@ -26,3 +27,23 @@ def mlflow_uri(tmp_path, monkeypatch):
 
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+@contextlib.contextmanager
+def searched_store(folder, raw_job):
+    """Run a real search (local Ray) for raw_job into an SQLite store under folder; shut Ray down after."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from search.job import parse_job
+    from search.run import run_search
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        outcome = run_search(parse_job(raw_job), store=folder / "store", say=lambda _: None)
+        yield outcome, MlflowClient(uri)
+    finally:
+        ray.shutdown()
+        patch.undo()

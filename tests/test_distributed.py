@@ -1,35 +1,23 @@
 """A 2-worker data-parallel trial (gloo, CPU SyncBN) inside a real Tune search."""
 import pytest
-import ray
-from mlflow.tracking import MlflowClient
+from conftest import searched_store
 
-from search.job import parse_job
-from search.run import run_search
 from search.tracking import PARENT_TAG
 
 
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory, shapes):
-    folder = tmp_path_factory.mktemp("dist")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    job = parse_job({
+    raw = {
         "name": "two-workers",
         "data": {"train": shapes["train"], "val": shapes["val"]},
         "search": {"trials": 1, "seed": 0},
         "train": {"epochs": 2, "batch_size": 4, "eval_every": 1},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
-    })
-    try:
-        outcome = run_search(job, store=folder / "store", say=lambda _: None)
-        client = MlflowClient(uri)
+    }
+    with searched_store(tmp_path_factory.mktemp("dist"), raw) as (outcome, client):
         runs = client.search_runs([outcome.experiment_id],
                                   filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
         yield outcome, client, runs
-    finally:
-        ray.shutdown()
-        mp.undo()
 
 
 def test_trial_trains_on_two_disjoint_shards(two_worker_run, shapes):

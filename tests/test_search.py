@@ -1,12 +1,10 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
 import pytest
-import ray
-from mlflow.tracking import MlflowClient
+from conftest import searched_store
 
 from search.frontier import compute_frontier, finished_trials
 from search.job import parse_job
 from search.promote import PREVIOUS, PRODUCTION, promote
-from search.run import run_search
 from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
 
 # GFLOPs. With seed 1, the sampler's two random start-up proposals cost 0.072 and 0.045 GFLOPs, so one is
@@ -16,23 +14,15 @@ BUDGET = 0.06
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, shapes):
-    folder = tmp_path_factory.mktemp("search")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    job = parse_job({
+    raw = {
         "name": "search-test",
         "data": {"train": shapes["train"], "val": shapes["val"]},
         "search": {"trials": 3, "max_concurrent_trials": 2, "seed": 1, "max_gflops": BUDGET},
         "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-    })
-    try:
-        outcome = run_search(job, store=folder / "store")
-        yield outcome, MlflowClient(uri), job
-    finally:
-        ray.shutdown()
-        mp.undo()
+    }
+    with searched_store(tmp_path_factory.mktemp("search"), raw) as (outcome, client):
+        yield outcome, client, parse_job(raw)
 
 
 def _children(client, outcome):
