@@ -19,7 +19,7 @@ MODEL_URI_TAG = "effsearch.model_uri"  # the logged model (models:/m-...) that p
 # Per-epoch metrics worth a curve in the UI.
 EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
                  "epoch_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
-                 "shard_overlap", "eval_images", "dropped_boxes")
+                 "shard_overlap", "eval_images", "dropped_boxes", "peak_memory_mb")
 MODEL_PIP_REQUIREMENTS = ["torch==2.14.1", "effdet==0.4.1"]
 
 
@@ -84,6 +84,8 @@ class MlflowTrialLogger(Callback):
         result = trial.last_result or {}
         full = int(result.get("epoch", 0)) >= self.total_epochs and result.get("full_budget") == 1
         self.client.set_tag(run_id, FULL_BUDGET_TAG, "true" if full else "false")
+        if result.get("latency_device"):
+            self.client.set_tag(run_id, "effsearch.latency_device", str(result["latency_device"]))
         checkpoint_path = result.get("checkpoint_path")
         if full and checkpoint_path:
             try:

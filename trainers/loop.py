@@ -103,8 +103,10 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
             "world_size": world_size, "train_images": seen * world_size, "shard_overlap": shard_overlap,
             **accuracy,
         }
+        metrics["peak_memory_mb"] = _peak_memory_mb(device)
         if last and rank == 0:
             metrics["latency_ms"] = latency_ms(model, spec.image_size, device=str(device))
+            metrics["latency_device"] = _device_name(device)
             metrics["full_budget"] = 1  # the trial ran every epoch it was given: eligible for the frontier
             with tempfile.TemporaryDirectory() as folder:
                 save_model(model, spec, folder)
@@ -112,6 +114,22 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
         else:
             report(metrics, None)
     return metrics
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process's RSS peak
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class _SingleProcessSampler(torch.utils.data.RandomSampler):
