@@ -21,7 +21,7 @@ from search.progress import ProgressPrinter
 from search.tracking import DEFAULT_STORE, MlflowTrialLogger, ensure_experiment, tracking_uri
 from search.trainable import DRIVER_CPUS, run_trial
 from spaces import METRICS, MODES, SPACES
-from trainers.validate import load_coco, validate_split
+from trainers.validate import check_same_categories, validate_split
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,10 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     # Bad data fails here, in one line, before any run is created or any worker starts.
     reports = {split: validate_split(getattr(job.data, split).annotations, getattr(job.data, split).images)
                for split in ("train", "val")}
+    check_same_categories(reports["train"], reports["val"])
     for report in reports.values():
         say(f"data: {report.summary()}")
-    num_classes = len(load_coco(job.data.train.annotations).dataset["categories"])
+    num_classes = len(reports["train"].category_ids)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)

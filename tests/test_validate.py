@@ -80,3 +80,22 @@ def test_malformed_json_names_the_line(tmp_path):
     path.write_text('{"images": [}')
     with pytest.raises(DataError, match=r"ann.json: malformed JSON at line 1"):
         validate_split(path, tmp_path)
+
+
+def test_train_and_val_must_share_categories(tmp_path):
+    from trainers.validate import check_same_categories
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "v").mkdir()
+    train = validate_split(_dataset(tmp_path / "t"), tmp_path / "t")
+    val = validate_split(_dataset(tmp_path / "v", categories=[{"id": 2, "name": "x"}, {"id": 4, "name": "y"}]),
+                         tmp_path / "v")
+    with pytest.raises(DataError, match=r"v/ann.json: category ids \[2, 4\] differ from .*t/ann.json: \[2\]"):
+        check_same_categories(train, val)
+    check_same_categories(train, train)
+
+
+def test_duplicate_category_ids_are_rejected(tmp_path):
+    path = _dataset(tmp_path, categories=[{"id": 2, "name": "x"}, {"id": 2, "name": "y"}])
+    with pytest.raises(DataError, match="category ids are not unique"):
+        validate_split(path, tmp_path)

@@ -20,6 +20,7 @@ from trainers.model import build_model, predict_bench, train_bench
 from trainers.recipe import TrainConfig, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
 from trainers.syncbn import convert_sync_batchnorm
+from trainers.validate import check_same_categories
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
@@ -57,6 +58,7 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
     train_set = CocoDetection(data.train_annotations, data.train_images, spec.image_size, train=True,
                               seed=recipe.seed, check_images=True)
     val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False, check_images=True)
+    check_same_categories(train_set.report, val_set.report)
     sampler = _train_sampler(train_set, recipe, rank, world_size)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, sampler=sampler,
                                                drop_last=True, collate_fn=collate)

@@ -44,6 +44,7 @@ class DataReport:
     """What validation found that is not fatal: degenerate boxes are dropped and counted."""
 
     annotation_file: str
+    category_ids: tuple[int, ...] = ()
     images: int = 0
     annotations: int = 0
     crowd: int = 0
@@ -86,8 +87,10 @@ def validate_split(annotation_file: str | Path, image_dir: str | Path, *, check_
 def validate_coco(coco: COCO, annotation_file: str | Path, image_dir: str | Path, *,
                   check_images: bool) -> DataReport:
     path = Path(annotation_file)
-    report = DataReport(str(path))
-    categories = {c.get("id") for c in coco.dataset["categories"]}
+    categories = {c["id"] for c in coco.dataset["categories"]}
+    if len(categories) != len(coco.dataset["categories"]):
+        raise DataError(f"{path}: category ids are not unique")
+    report = DataReport(str(path), category_ids=tuple(sorted(categories)))
     images = {}
     for record in coco.dataset["images"]:
         image_id = record["id"]
@@ -122,6 +125,13 @@ def validate_coco(coco: COCO, annotation_file: str | Path, image_dir: str | Path
         for image_id, record in images.items():
             _check_image(Path(image_dir) / record["file_name"], image_id, record)
     return report
+
+
+def check_same_categories(train: DataReport, val: DataReport) -> None:
+    """Train and val must share one label space, or predictions are scored against the wrong classes."""
+    if train.category_ids != val.category_ids:
+        raise DataError(f"{val.annotation_file}: category ids {list(val.category_ids)} differ from "
+                        f"{train.annotation_file}: {list(train.category_ids)}")
 
 
 def _check_image(path: Path, image_id: int, record: dict) -> None:
