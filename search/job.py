@@ -42,6 +42,8 @@ class ResourcesConfig:
     workers_per_trial: int = 1
     cpus_per_worker: int = 2
     gpus_per_worker: int = 0
+    # Worker crashes a trial survives; each restart continues from the trial's last epoch checkpoint.
+    max_failures: int = 1
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,12 @@ def _check_values(job: Job, source: str) -> None:
             problems.append(f"job.search.{key}: must be >= 1")
     if job.search.max_gflops is not None and job.search.max_gflops <= 0:
         problems.append("job.search.max_gflops: must be > 0")
-    for key in ("epochs", "batch_size", "eval_every"):
-        if getattr(job.train, key) < 1:
-            problems.append(f"job.train.{key}: must be >= 1")
-    if job.train.lr <= 0:
-        problems.append("job.train.lr: must be > 0")
     for key in ("workers_per_trial", "cpus_per_worker"):
         if getattr(job.resources, key) < 1:
             problems.append(f"job.resources.{key}: must be >= 1")
-    if job.resources.gpus_per_worker < 0:
-        problems.append("job.resources.gpus_per_worker: must be >= 0")
+    for key in ("gpus_per_worker", "max_failures"):
+        if getattr(job.resources, key) < 0:
+            problems.append(f"job.resources.{key}: must be >= 0")
     if not job.name.strip():
         problems.append("job.name: must not be empty")
     if problems:

@@ -24,6 +24,8 @@ from trainers.spec import ModelSpec
 # The driver only waits on its TorchTrainer; Ray needs a nonzero reservation to place it.
 DRIVER_CPUS = 0.01
 CHECKPOINT_PATH_KEY = "checkpoint_path"
+# Per trial: the newest to resume from, and the one before it in case the newest was cut off mid-write.
+CHECKPOINTS_KEPT = 2
 _DONE = "__effsearch_train_done__"
 
 
@@ -64,8 +66,11 @@ def _torch_trainer(spec: ModelSpec, job: dict, forward: ForwardReports) -> Torch
         train_loop_config={"spec": spec.to_dict(), "data": job["data"], "train": train},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources["workers_per_trial"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        # The fixed name makes a restarted trial's TorchTrainer continue from the same run's last checkpoint.
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}", storage_path=job["storage_path"], callbacks=[forward]),
+            name=f"train-{trial_id}", storage_path=job["storage_path"], callbacks=[forward],
+            failure_config=ray.train.FailureConfig(max_failures=resources["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
     )
 
 

@@ -7,8 +7,8 @@ import torch
 from effdet.anchors import AnchorLabeler, Anchors
 from effdet.bench import _batch_detection, _post_process
 
-from trainers.data import (CocoDetection, DataError, LabelMap, coco_to_effdet_boxes, collate,
-                           effdet_detections_to_coco, load_coco)
+from trainers.data import (FILL_COLOR, CocoDetection, DataError, EpochSampler, LabelMap, coco_to_effdet_boxes,
+                           effdet_detections_to_coco, load_coco, make_collate, to_model_input)
 from trainers.evaluate import CocoEvaluator
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
@@ -55,26 +55,70 @@ def test_dataset_targets_resize_pad_and_skip_crowd(tmp_path):
     data = CocoDetection(ann, tmp_path, 128, train=False)
     assert data.dropped_boxes == 1
     image, target = data[0]
-    assert image.shape == (3, 128, 128)
+    assert image.shape == (3, 128, 128) and image.dtype == np.uint8
     # 200x100 -> 128x64: scale 0.64. The box is y1,x1,y2,x2 in input pixels; crowd and degenerate are gone.
-    np.testing.assert_allclose(target["bbox"][0].numpy(), [6.4, 12.8, 25.6, 38.4], rtol=1e-5)
-    assert target["cls"][0] == 1 and (target["cls"][1:] == -1).all()
-    assert target["img_scale"].item() == pytest.approx(1 / 0.64)
-    assert target["img_size"].tolist() == [200, 100]
-    images, targets = collate([data[0], data[1]])
-    assert images.shape == (2, 3, 128, 128) and (targets["cls"][1] == -1).all()
+    np.testing.assert_allclose(target["bbox"], [[6.4, 12.8, 25.6, 38.4]], rtol=1e-5)
+    assert target["cls"].tolist() == [1]
+    assert target["img_scale"] == pytest.approx(1 / 0.64) and target["img_size"] == (200, 100)
+    assert (image[:, 64:, :] == np.array(FILL_COLOR, dtype=np.uint8)[:, None, None]).all()  # padding below
+    images, targets = make_collate()([data[0], data[1]])
+    assert images.shape == (2, 3, 128, 128) and images.dtype == torch.uint8
+    assert (targets["cls"][1] == -1).all() and targets["cls"][0, 0] == 1
+    assert to_model_input(images[:1], "cpu")[:, :, 64:, :].abs().max() < 0.02  # the fill colour normalises to ~0
 
 
-def test_flip_mirrors_boxes(shapes):
-    data = CocoDetection(shapes["train"]["annotations"], shapes["train"]["images"], 128, train=True)
+def _box_image(tmp_path):
+    """A black 160x120 image with one white box at x 40..100, y 30..70, annotated as such."""
+    from PIL import Image
+
+    pixels = np.zeros((120, 160, 3), dtype=np.uint8)
+    pixels[30:70, 40:100] = 255
+    Image.fromarray(pixels).save(tmp_path / "box.png")
+    return _write(tmp_path, [{"id": 1, "file_name": "box.png", "width": 160, "height": 120}],
+                  [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [40, 30, 60, 40], "iscrowd": 0}])
+
+
+def test_scale_jitter_moves_pixels_and_boxes_together(tmp_path):
+    data = CocoDetection(_box_image(tmp_path), tmp_path, 128, train=True, scale_jitter=(0.5, 1.5))
+    scales = set()
+    for epoch in range(12):
+        image, target = data[(epoch, 0)]
+        again, _ = data[(epoch, 0)]
+        assert np.array_equal(image, again)  # the augmentation depends only on (seed, epoch, index)
+        scales.add(round(target["img_scale"], 3))
+        white = np.argwhere(image.min(axis=0) > 200)
+        if not len(target["bbox"]):
+            assert len(white) < 20  # the box was cropped away, and so were its pixels
+            continue
+        y1, x1, y2, x2 = target["bbox"][0]
+        (py1, px1), (py2, px2) = white.min(axis=0), white.max(axis=0) + 1
+        np.testing.assert_allclose([py1, px1, py2, px2], [y1, x1, y2, x2], atol=2.0)
+    assert len(scales) > 6  # the scale really varies from epoch to epoch
+
+
+def test_flip_mirrors_pixels_and_boxes(shapes):
+    train = CocoDetection(shapes["train"]["annotations"], shapes["train"]["images"], 128, train=True,
+                          scale_jitter=(1.0, 1.0))
     plain = CocoDetection(shapes["train"]["annotations"], shapes["train"]["images"], 128, train=False)
-    for i in range(len(data)):
-        if data._flip(i) and (plain[i][1]["cls"] > 0).any():
-            flipped, straight = data[i][1]["bbox"][0], plain[i][1]["bbox"][0]
-            assert flipped[0] == straight[0] and flipped[2] == straight[2]
-            assert flipped[1] == pytest.approx(128 - straight[3]) and flipped[3] == pytest.approx(128 - straight[1])
-            return
-    pytest.fail("no flipped image with a box in the sample")
+    flipped = 0
+    for index in range(len(train)):
+        (image, target), (straight, straight_target) = train[(1, index)], plain[index]
+        if np.array_equal(image, straight):
+            np.testing.assert_allclose(target["bbox"], straight_target["bbox"])
+            continue
+        flipped += 1
+        assert np.array_equal(image, straight[:, :, ::-1])
+        mirrored = straight_target["bbox"].copy()
+        mirrored[:, [1, 3]] = 128 - straight_target["bbox"][:, [3, 1]]
+        np.testing.assert_allclose(target["bbox"], mirrored, atol=1e-4)
+    assert 0.25 * len(train) < flipped < 0.75 * len(train)
+
+
+def test_epoch_sampler_keys_items_by_epoch():
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(range(8), num_replicas=2, rank=1, seed=0))
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 4 and all(epoch == 3 for epoch, _ in keys)
 
 
 @pytest.mark.parametrize("swap_xy, expected", [(False, (0.99, 1.0)), (True, (0.0, 0.2))])
@@ -85,11 +129,11 @@ def test_labeler_targets_through_postprocess_score_ap_one(shapes, swap_xy, expec
     anchors = Anchors.from_config(config)
     labeler = AnchorLabeler(anchors, spec.num_classes, match_threshold=0.5)
     data = CocoDetection(shapes["val"]["annotations"], shapes["val"]["images"], spec.image_size, train=False)
-    images, targets = collate([data[i] for i in range(len(data))])
+    images, targets = make_collate()([data[i] for i in range(len(data))])
     bbox = targets["bbox"].clone()
     if swap_xy:
         bbox = bbox[:, :, [1, 0, 3, 2]]
-    cls_targets, box_targets, _ = labeler.batch_label_anchors(bbox, targets["cls"])
+    cls_targets, box_targets, _ = labeler.batch_label_anchors(bbox, targets["cls"].long())
     class_out, box_out = [], []
     for cls_t, box_t in zip(cls_targets, box_targets):
         b, h, w, a = cls_t.shape

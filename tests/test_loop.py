@@ -1,44 +1,117 @@
-"""The per-worker loop without Ray: per-epoch reports, a final checkpoint, and its reload."""
+"""The per-worker loop without Ray: per-epoch reports and checkpoints, resume, precision, and failure messages."""
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from trainers.loop import DataPaths, fit, load_model
-from trainers.recipe import TrainConfig, build_schedule
+from trainers.checkpoint import EMA_WEIGHTS, RAW_WEIGHTS, STATE_FILE
+from trainers.loop import DataPaths, NonFiniteLoss, OutOfMemory, fit, load_model
+from trainers.recipe import TrainConfig, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
+from trainers.typed import ConfigError, from_mapping
 
 SPEC = ModelSpec(num_classes=3, backbone_family="efficientnet_lite", backbone_width=0.5, backbone_depth=0.5,
                  image_size=128, max_level=5, anchor_scale=1.5, fpn_channels=32, fpn_repeats=1, head_repeats=2,
                  bn_momentum=0.1)
 
 
-def test_fit_reports_every_epoch_and_saves_a_reloadable_model(shapes, tmp_path):
-    data = DataPaths(shapes["train"]["annotations"], shapes["train"]["images"],
+def _data(shapes):
+    return DataPaths(shapes["train"]["annotations"], shapes["train"]["images"],
                      shapes["val"]["annotations"], shapes["val"]["images"])
-    reports = []
 
-    def report(metrics, checkpoint_dir):
+
+class _Recorder:
+    """A report callback that keeps every metrics dict and a copy of every checkpoint."""
+
+    def __init__(self, folder, stop_after_epoch=None):
+        self.folder, self.stop_after_epoch = folder, stop_after_epoch
+        self.metrics, self.checkpoints = [], []
+
+    def __call__(self, metrics, checkpoint_dir):
         saved = None
         if checkpoint_dir:
-            saved = tmp_path / "ckpt"
-            import shutil
-
+            saved = self.folder / f"epoch{metrics['epoch']}"
             shutil.copytree(checkpoint_dir, saved)
-        reports.append((metrics, saved))
+        self.metrics.append(metrics)
+        self.checkpoints.append(saved)
+        if metrics["epoch"] == self.stop_after_epoch:
+            raise KeyboardInterrupt("killed")  # what a kill looks like from inside: the run stops here
 
-    fit(SPEC, data, TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1), report)
-    assert [m["epoch"] for m, _ in reports] == [1, 2]
-    first, last = reports[0][0], reports[1][0]
+
+def test_fit_reports_and_checkpoints_every_epoch_and_saves_a_reloadable_model(shapes, tmp_path):
+    reports = _Recorder(tmp_path)
+    fit(SPEC, _data(shapes), TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1), reports)
+    assert [m["epoch"] for m in reports.metrics] == [1, 2]
+    first, last = reports.metrics
     assert "map" not in first  # eval_every=2: the first epoch is not evaluated
     assert 0.0 <= last["map"] <= 1.0 and last["full_budget"] == 1 and last["latency_ms"] > 0
+    assert last["map"] == max(last["map_raw"], last["map_ema"])  # both weights scored; the better one counts
     assert last["latency_device"].startswith("cpu (") and last["peak_memory_mb"] > 100
     assert last["eval_images"] == 12 and last["world_size"] == 1 and last["shard_overlap"] == 0
     assert last["loss"] < first["loss"]
-    assert reports[0][1] is None and reports[1][1] is not None
-    model, spec = load_model(reports[1][1])
+    assert all(folder is not None for folder in reports.checkpoints)
+    model, spec = load_model(reports.checkpoints[-1])
     assert spec == SPEC
     with torch.no_grad():
         classes, _ = model(torch.zeros(1, 3, 128, 128))
     assert classes[0].shape == (1, 9 * 3, 16, 16)
+
+
+def test_killed_run_resumes_at_the_next_epoch_and_ends_where_an_uninterrupted_one_does(shapes, tmp_path):
+    recipe = TrainConfig(epochs=3, batch_size=8, eval_every=1, threads=1, loader_workers=1)
+    whole = _Recorder(tmp_path / "whole")
+    fit(SPEC, _data(shapes), recipe, whole)
+
+    broken = _Recorder(tmp_path / "broken", stop_after_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(SPEC, _data(shapes), recipe, broken)
+    resumed = _Recorder(tmp_path / "resumed")
+    fit(SPEC, _data(shapes), recipe, resumed, resume_from=str(broken.checkpoints[0]))
+
+    assert [m["epoch"] for m in resumed.metrics] == [2, 3]
+    assert all(m["resumed_from_epoch"] == 1 for m in resumed.metrics)
+    for key in ("loss", "map", "map_raw", "map_ema", "map50", "lr"):
+        assert resumed.metrics[-1][key] == pytest.approx(whole.metrics[-1][key], rel=1e-5, abs=1e-7), key
+    # The same optimizer state (AdamW moments, step counts) and the same weights, raw and averaged.
+    ours = torch.load(resumed.checkpoints[-1] / STATE_FILE, weights_only=True)["optimizer"]["state"]
+    theirs = torch.load(whole.checkpoints[-1] / STATE_FILE, weights_only=True)["optimizer"]["state"]
+    assert ours.keys() == theirs.keys()
+    for index in ours:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ours[index][name], theirs[index][name], rtol=1e-4, atol=1e-6)
+    for weights in (RAW_WEIGHTS, EMA_WEIGHTS):
+        a, b = load_file(resumed.checkpoints[-1] / weights), load_file(whole.checkpoints[-1] / weights)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu(shapes, tmp_path):
+    reports = _Recorder(tmp_path)
+    fit(SPEC, _data(shapes), TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="bf16"), reports)
+    first, last = reports.metrics
+    assert last["loss"] < first["loss"] and 0.0 <= last["map"] <= 1.0
+
+
+def test_sgd_and_linear_lr_scaling():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01, batch_size=8, lr_batch=16), 4)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # 0.01 per 16 images, global batch 32
+    decayed, plain = optimizer.param_groups
+    assert [p.ndim for p in decayed["params"]] == [4] and plain["weight_decay"] == 0.0  # no decay on norms, biases
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"optimizer": "adam"}, "train.optimizer: must be one of adamw, sgd, got 'adam'"),
+    ({"amp": "fp8"}, "train.amp: must be one of auto, bf16, fp16, off"),
+    ({"scale_jitter": [1.5, 0.5]}, "train.scale_jitter: must be [low, high] with 0 < low <= high"),
+    ({"scale_jitter": [1.0]}, "train.scale_jitter: must be a list of 2 values"),
+    ({"ema_decay": 1.0}, "train.ema_decay: must be < 1"),
+])
+def test_bad_recipe_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=rf"^{message}".replace("[", r"\[")):
+        from_mapping(TrainConfig, raw, "train")
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -55,11 +128,23 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(shapes):
-    from trainers.loop import NonFiniteLoss
-
-    data = DataPaths(shapes["train"]["annotations"], shapes["train"]["images"],
-                     shapes["val"]["annotations"], shapes["val"]["images"])
     # An absurd learning rate blows the weights up within a few steps.
     with pytest.raises(NonFiniteLoss, match=r"^loss became non-finite at epoch 1 step [2-4]$"):
-        fit(SPEC, data, TrainConfig(epochs=1, batch_size=8, lr=1e12, warmup_epochs=0, threads=1),
+        fit(SPEC, _data(shapes), TrainConfig(epochs=1, batch_size=8, lr=1e12, warmup_epochs=0, threads=1),
             lambda metrics, checkpoint: None)
+
+
+def test_out_of_memory_names_batch_size_and_resolution(shapes):
+    # No GPU here: the error CUDA's allocator raises is raised instead from inside the first training forward.
+    def exhaust(module, inputs):
+        if module.training and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].device.type == "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(exhaust)
+    try:
+        with pytest.raises(OutOfMemory, match=r"^out of CPU memory at epoch 1 step 1: batch size 8 per worker at "
+                                              r"resolution 128x128 \(float32\) does not fit; lower train.batch_size"):
+            fit(SPEC, _data(shapes), TrainConfig(epochs=1, batch_size=8, threads=1, ema=False),
+                lambda metrics, checkpoint: None)
+    finally:
+        handle.remove()

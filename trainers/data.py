@@ -6,18 +6,23 @@ below are the only place either convention is translated.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from effdet.data.loader import DetectionFastCollate
+from effdet.data.transforms import RandomFlip, RandomResizePad, ResizePad
 from PIL import Image
 
 from trainers.validate import DataError, DataReport, load_coco, validate_coco
 
 MAX_BOXES = 100  # per image; effdet pads targets to a fixed count
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+IMAGENET_MEAN = tuple(255 * x for x in (0.485, 0.456, 0.406))
+IMAGENET_STD = tuple(255 * x for x in (0.229, 0.224, 0.225))
+FILL_COLOR = tuple(round(x) for x in IMAGENET_MEAN)  # padding becomes ~0 after normalisation
+DEFAULT_CACHE_BYTES = 2 * 2**30  # decoded images kept per dataset (and per loader worker)
 
 
 @dataclass(frozen=True)
@@ -57,16 +62,21 @@ def effdet_detections_to_coco(detections: np.ndarray, image_id: int, labels: Lab
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """Images resized (longest side) and padded to a square model input, with effdet-convention targets."""
+    """COCO images through effdet's resize-pad transforms, as uint8 pixels with effdet-convention targets.
+
+    Training items are keyed (epoch, index) by EpochSampler, so the scale jitter and flip of an item depend
+    only on (seed, epoch, index): a resumed run, or a loader worker that outlives an epoch, sees the same
+    augmentation as an uninterrupted run.
+    """
 
     def __init__(self, annotation_file, image_dir, image_size: int, *, train: bool, seed: int = 0,
-                 check_images: bool = False):
+                 scale_jitter: tuple[float, float] = (1.0, 1.0), check_images: bool = False,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         self.image_size = image_size
         self.train = train
         self.seed = seed
-        self.epoch = 0
         self.coco = load_coco(self.annotation_file)
         # Fatal problems raise here, before any training; degenerate boxes are listed in the report.
         self.report: DataReport = validate_coco(self.coco, self.annotation_file, self.image_dir,
@@ -74,7 +84,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.labels = LabelMap(tuple(sorted(c["id"] for c in self.coco.dataset["categories"])))
         self.image_ids = sorted(self.coco.imgs)
         self._targets = {i: self._boxes_for(i) for i in self.image_ids}
+        if train:
+            self._transforms = [RandomResizePad(image_size, scale=scale_jitter, interpolation="bilinear",
+                                                fill_color=FILL_COLOR), RandomFlip(horizontal=True, prob=0.5)]
+        else:
+            self._transforms = [ResizePad(image_size, interpolation="bilinear", fill_color=FILL_COLOR)]
         self._cache: dict[int, np.ndarray] = {}
+        self._cache_left = cache_bytes
 
     @property
     def dropped_boxes(self) -> int:
@@ -90,54 +106,74 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             boxes.append([x, y, w, h])
             labels.append(self.labels.to_label(ann["category_id"]))
-        return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64)
+        xywh = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        return coco_to_effdet_boxes(xywh, 1.0), np.array(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _image(self, image_id: int) -> np.ndarray:
-        # Decoded images are kept: a few hundred small images fit in memory and decoding dominates CPU epochs.
-        if image_id not in self._cache:
+    def _image(self, image_id: int) -> Image.Image:
+        pixels = self._cache.get(image_id)
+        if pixels is None:
             path = self.image_dir / self.coco.imgs[image_id]["file_name"]
             try:
                 with Image.open(path) as img:
-                    self._cache[image_id] = np.asarray(img.convert("RGB"))
+                    pixels = np.asarray(img.convert("RGB"))
             except (FileNotFoundError, OSError) as err:
                 raise DataError(f"{path}: cannot read image id {image_id}: {err}") from None
-        return self._cache[image_id]
+            # Decoding dominates small CPU epochs, so decoded images are kept while they fit the budget.
+            if pixels.nbytes <= self._cache_left:
+                self._cache[image_id] = pixels
+                self._cache_left -= pixels.nbytes
+        return Image.fromarray(pixels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image_id = self.image_ids[index]
-        pixels = self._image(image_id)
-        height, width = pixels.shape[:2]
-        scale = self.image_size / max(height, width)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        resized = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
-        canvas = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
-        canvas[:new_h, :new_w] = (resized - IMAGENET_MEAN) / IMAGENET_STD  # pad value 0 == the mean colour
-        xywh, labels = self._targets[image_id]
-        boxes = coco_to_effdet_boxes(xywh, scale)
-        if self.train and self._flip(index):
-            canvas[:, :new_w] = canvas[:, :new_w][:, ::-1]
-            boxes[:, [1, 3]] = new_w - boxes[:, [3, 1]]
-        bbox = np.full((MAX_BOXES, 4), -1, dtype=np.float32)
-        cls = np.full((MAX_BOXES,), -1, dtype=np.int64)
-        n = min(len(boxes), MAX_BOXES)
-        bbox[:n], cls[:n] = boxes[:n], labels[:n]
-        target = {
-            "bbox": torch.from_numpy(bbox), "cls": torch.from_numpy(cls),
-            "img_scale": torch.tensor(1.0 / scale, dtype=torch.float32),
-            "img_size": torch.tensor([width, height], dtype=torch.float32),  # effdet clips with (w, h)
-            "image_id": torch.tensor(image_id),
-        }
-        return torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), target
-
-    def _flip(self, index: int) -> bool:
-        # Deterministic per (seed, epoch, index), so a resumed or repeated run sees the same augmentation.
-        return bool(np.random.default_rng((self.seed, self.epoch, index)).random() < 0.5)
+        img = self._image(image_id)
+        boxes, labels = self._targets[image_id]
+        anno = {"bbox": boxes.copy(), "cls": labels.copy(), "img_size": (img.width, img.height),
+                "image_id": image_id}
+        # effdet's transforms draw from the global `random`; seed it per item and put it back afterwards.
+        state = random.getstate()
+        random.seed(hash((self.seed, epoch, index)) if self.train else 0)
+        try:
+            for transform in self._transforms:
+                img, anno = transform(img, anno)
+        finally:
+            random.setstate(state)
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)), anno
 
 
-def collate(batch):
-    images = torch.stack([image for image, _ in batch])
-    targets = {key: torch.stack([t[key] for _, t in batch]) for key in batch[0][1]}
-    return images, targets
+class EpochSampler(torch.utils.data.Sampler):
+    """Wraps a sampler with set_epoch so that it yields (epoch, index) keys for CocoDetection."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def make_collate(labeler=None) -> DetectionFastCollate:
+    """effdet's collate: uint8 images and padded targets; given an AnchorLabeler, anchor targets as well.
+
+    Labelling in the collate moves it off the training step and into the loader workers (effdet's design).
+    """
+    return DetectionFastCollate(max_instances=MAX_BOXES, anchor_labeler=labeler)
+
+
+def to_model_input(images: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW -> normalised float on the device; normalising after the copy moves 4x fewer bytes."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    images = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images

@@ -1,29 +1,26 @@
-"""The per-worker training loop: one function that Ray Train runs on each worker, usable without Ray too."""
+"""The per-worker loop: one function that Ray Train runs on each worker, usable without Ray too."""
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 
+from trainers.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: F401 (load_model re-exported)
 from trainers.cost import latency_ms, model_cost
-from trainers.data import CocoDetection, collate
+from trainers.data import CocoDetection, EpochSampler, make_collate, to_model_input
 from trainers.evaluate import CocoEvaluator
-from trainers.model import build_model, predict_bench, train_bench
-from trainers.recipe import TrainConfig, build_optimizer, build_schedule
+from trainers.model import anchor_labeler, build_model, predict_bench, train_bench
+from trainers.recipe import TrainConfig, autocast_dtype, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
 from trainers.syncbn import convert_sync_batchnorm
 from trainers.validate import check_same_categories
-
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "spec.json"
 
 # report(metrics, checkpoint_dir or None)
 Report = Callable[[dict, Optional[str]], None]
@@ -41,13 +38,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class OutOfMemory(RuntimeError):
+    pass
+
+
 def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *, rank: int = 0,
-        world_size: int = 1, device: torch.device | str = "cpu", prepare_model=lambda m: m) -> dict:
+        world_size: int = 1, device: torch.device | str = "cpu", prepare_model=lambda m: m,
+        resume_from: str | None = None) -> dict:
     """Train `spec` on `data`, evaluate with COCOeval, call `report` once per epoch; returns the last metrics.
 
-    With world_size > 1 the caller has set up torch.distributed (Ray Train does): each rank trains on its
-    own shard, BatchNorm is synchronised unless recipe.sync_bn is off, and rank 0 evaluates the detections
-    gathered from every rank. `prepare_model` wraps the training bench for data parallelism (DDP).
+    Every epoch rank 0 reports a checkpoint directory; `resume_from` continues from one, at the next epoch,
+    with the optimizer, schedule, loss scaler, EMA and random state it held. With world_size > 1 the caller
+    has set up torch.distributed (Ray Train does): each rank trains on its own shard, BatchNorm is
+    synchronised unless recipe.sync_bn is off, and rank 0 scores the detections gathered from every rank.
+    `prepare_model` wraps the training bench for data parallelism (DDP).
     """
     torch.manual_seed(recipe.seed)
     if recipe.threads:
@@ -56,66 +60,126 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
     cost = model_cost(spec)
     # Both splits are validated, images included, before the first step.
     train_set = CocoDetection(data.train_annotations, data.train_images, spec.image_size, train=True,
-                              seed=recipe.seed, check_images=True)
+                              seed=recipe.seed, scale_jitter=recipe.scale_jitter, check_images=True)
     val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False, check_images=True)
     check_same_categories(train_set.report, val_set.report)
-    sampler = _train_sampler(train_set, recipe, rank, world_size)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, sampler=sampler,
-                                               drop_last=True, collate_fn=collate)
-    # Each rank predicts every world_size-th validation image; rank 0 scores them all.
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=recipe.batch_size, collate_fn=collate)
 
     model = build_model(spec).to(device)
     if world_size > 1 and recipe.sync_bn:
         model = convert_sync_batchnorm(model, device)
-    bench = prepare_model(train_bench(model))
-    predictor = predict_bench(model)
-    optimizer = build_optimizer(model, recipe)
+    channels_last = recipe.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema else None
+    state = load_checkpoint(resume_from, model=model, ema_model=ema and ema.module) if resume_from else None
+    sampler, train_loader, val_loader = _loaders(train_set, val_set, model, recipe, rank, world_size, device)
+    bench = prepare_model(train_bench(model, labels_in_batch=True))
+    optimizer = build_optimizer(model, recipe, world_size)
     schedule = build_schedule(optimizer, recipe, len(train_loader))
+    amp_dtype = autocast_dtype(recipe, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     evaluator = CocoEvaluator(val_set.coco, val_set.labels)
+    predictors = {"raw": predict_bench(model), **({"ema": predict_bench(ema.module)} if ema else {})}
+
+    first_epoch, accuracy, deploy, resumed = 1, {}, "raw", {}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        first_epoch, accuracy, deploy = state["epoch"] + 1, state["accuracy"], state["deploy"]
+        resumed = {"resumed_from_epoch": state["epoch"]}
+    step_context = _StepContext(spec, recipe, device, amp_dtype)
     metrics: dict = {}
-    accuracy: dict = {}
-    for epoch in range(1, recipe.epochs + 1):
-        train_set.epoch = epoch
+    for epoch in range(first_epoch, recipe.epochs + 1):
         sampler.set_epoch(epoch)
-        shard_overlap = _shard_overlap(list(sampler), world_size)
+        shard_overlap = _shard_overlap(list(sampler.sampler), world_size)
         bench.train()
         start, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
         for step, (images, targets) in enumerate(train_loader, 1):
-            images, targets = images.to(device), {k: v.to(device) for k, v in targets.items()}
-            loss = bench(images, targets)["loss"]
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
-            schedule.step()
+            with step_context(epoch, step):
+                images = to_model_input(images, device, channels_last)
+                targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+                with _autocast(device, amp_dtype):
+                    loss = bench(images, targets)["loss"]
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if recipe.clip_grad_norm:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                if ema is not None:
+                    ema.update(model, step=schedule.last_epoch)
             seen += images.shape[0]
-            loss_sum += loss.item()
+            loss_sum += loss_value
         epoch_s = time.perf_counter() - start
         last = epoch == recipe.epochs
         if last or epoch % recipe.eval_every == 0:
-            accuracy = _evaluate(predictor, val_loader, evaluator, device, rank, world_size)
+            with step_context(epoch, "evaluation"):
+                accuracy, deploy = _evaluate_all(predictors, val_loader, evaluator, device, rank, world_size)
         metrics = {
             "epoch": epoch, "loss": loss_sum / max(1, step), "epoch_s": epoch_s,
             "images_per_s": seen * world_size / epoch_s, "gflops": cost.gflops, "params_m": cost.params_m,
             "lr": schedule.get_last_lr()[0], "dropped_boxes": train_set.dropped_boxes + val_set.dropped_boxes,
             "world_size": world_size, "train_images": seen * world_size, "shard_overlap": shard_overlap,
-            **accuracy,
+            "peak_memory_mb": _peak_memory_mb(device), **accuracy, **resumed,
         }
-        metrics["peak_memory_mb"] = _peak_memory_mb(device)
         if last and rank == 0:
-            metrics["latency_ms"] = latency_ms(model, spec.image_size, device=str(device))
+            deployed = ema.module if deploy == "ema" and ema is not None else model
+            metrics["latency_ms"] = latency_ms(deployed, spec.image_size, device=str(device))
             metrics["latency_device"] = _device_name(device)
             metrics["full_budget"] = 1  # the trial ran every epoch it was given: eligible for the frontier
-            with tempfile.TemporaryDirectory() as folder:
-                save_model(model, spec, folder)
-                report(metrics, folder)
-        else:
+        if rank != 0:
             report(metrics, None)
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(folder, spec=spec, model=model, ema_model=ema and ema.module, deploy=deploy, state={
+                "epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(), "accuracy": accuracy, "deploy": deploy})
+            report(metrics, folder)
     return metrics
+
+
+def _loaders(train_set, val_set, model, recipe: TrainConfig, rank: int, world_size: int, device: torch.device):
+    # Loader workers decode, augment and label anchors (in the collate) while the model trains.
+    workers = {"num_workers": recipe.loader_workers, "persistent_workers": recipe.loader_workers > 0,
+               "pin_memory": device.type == "cuda"}
+    sampler = EpochSampler(_train_sampler(train_set, recipe, rank, world_size))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
+        collate_fn=make_collate(anchor_labeler(model)), **workers)
+    # Each rank predicts every world_size-th validation image; rank 0 scores them all.
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=recipe.batch_size, collate_fn=make_collate(),
+                                             **workers)
+    return sampler, train_loader, val_loader
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+class _StepContext:
+    """Turns an out-of-memory error into a message naming the batch size and resolution that caused it."""
+
+    def __init__(self, spec: ModelSpec, recipe: TrainConfig, device: torch.device, amp_dtype):
+        self.spec, self.recipe, self.device, self.amp_dtype = spec, recipe, device, amp_dtype
+
+    @contextlib.contextmanager
+    def __call__(self, epoch: int, step):
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            where = f"epoch {epoch} step {step}" if isinstance(step, int) else f"{step} after epoch {epoch}"
+            precision = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+            raise OutOfMemory(
+                f"out of {self.device.type.upper()} memory at {where}: batch size {self.recipe.batch_size} per "
+                f"worker at resolution {self.spec.image_size}x{self.spec.image_size} ({precision}) does not fit; "
+                f"lower train.batch_size or the search space's image size ({str(err).splitlines()[0]})") from None
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -162,6 +226,16 @@ def _shard_overlap(indices: list[int], world_size: int) -> int:
     return len(everyone) - len(set(everyone))
 
 
+def _evaluate_all(predictors: dict, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int):
+    """Score every set of weights (raw, EMA); the better one's scores become the trial's, and it is deployed."""
+    scores = {name: _evaluate(predictor, loader, evaluator, device, rank, world_size)
+              for name, predictor in predictors.items()}
+    if rank != 0:
+        return {}, "raw"
+    best = max(scores, key=lambda name: (scores[name]["map"], name == "ema"))  # a tie goes to the EMA
+    return {**scores[best], **{f"map_{name}": s["map"] for name, s in scores.items()}}, best
+
+
 def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int) -> dict:
     predictor.eval()
     image_ids, detections = [], []
@@ -169,7 +243,7 @@ def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, wo
         for images, targets in loader:
             info = {"img_scale": targets["img_scale"].to(device), "img_size": targets["img_size"].to(device)}
             image_ids.append(targets["image_id"].numpy())
-            detections.append(predictor(images.to(device), info).cpu().numpy())
+            detections.append(predictor(to_model_input(images, device), info).cpu().numpy())
     if world_size > 1:
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, (image_ids, detections))
@@ -185,25 +259,8 @@ def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, wo
     return scores
 
 
-def save_model(model: torch.nn.Module, spec: ModelSpec, folder: str | Path) -> None:
-    folder = Path(folder)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
-
-
-def load_model(folder: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild a saved model: weights are safetensors, so loading runs no pickled code."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    spec = ModelSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()), where=str(folder / SPEC_FILE))
-    model = build_model(spec)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    return model.eval(), spec
-
-
 def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: unpacks the plain-dict config and reports through ray.train."""
+    """Ray Train's train_loop_per_worker: unpacks the plain-dict config, reports and resumes through ray.train."""
     import ray.train
     import ray.train.torch
 
@@ -213,8 +270,13 @@ def train_worker(config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    fit(
-        ModelSpec.from_dict(config["spec"]), DataPaths(**config["data"]), TrainConfig(**config["train"]), report,
-        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
-        prepare_model=ray.train.torch.prepare_model,
-    )
+    # After a worker failure (or a restarted trial) Ray Train hands back the last reported checkpoint.
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
+        fit(
+            ModelSpec.from_dict(config["spec"]), DataPaths(**config["data"]),
+            TrainConfig(**{**config["train"], "scale_jitter": tuple(config["train"]["scale_jitter"])}), report,
+            rank=context.get_world_rank(), world_size=context.get_world_size(),
+            device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
+            resume_from=resume_from,
+        )

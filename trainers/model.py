@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from effdet import DetBenchPredict, DetBenchTrain, EfficientDet
+from effdet.anchors import AnchorLabeler, Anchors
 from effdet.config import get_efficientdet_config
 from effdet.config.fpn_config import get_fpn_config
 
@@ -53,9 +54,14 @@ def build_model(spec: ModelSpec) -> EfficientDet:
     return EfficientDet(effdet_config(spec), pretrained_backbone=False)
 
 
-def train_bench(model: EfficientDet) -> DetBenchTrain:
-    """effdet's training wrapper: anchor labelling and focal/box loss; in eval mode it also decodes detections."""
-    return DetBenchTrain(model, create_labeler=True)
+def train_bench(model: EfficientDet, *, labels_in_batch: bool = False) -> DetBenchTrain:
+    """effdet's training wrapper: focal/box loss, and anchor labelling unless the batches carry the labels."""
+    return DetBenchTrain(model, create_labeler=not labels_in_batch)
+
+
+def anchor_labeler(model: EfficientDet) -> AnchorLabeler:
+    """The labeler DetBenchTrain would build, for labelling in the data loader instead."""
+    return AnchorLabeler(Anchors.from_config(model.config), model.config.num_classes, match_threshold=0.5)
 
 
 def predict_bench(model: EfficientDet) -> DetBenchPredict:

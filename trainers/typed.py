@@ -44,6 +44,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         hint = next(option for option in options if option is not type(None))
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, where)
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{where}: must be a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(item, kind, f"{where}[{i}]") for i, (item, kind) in enumerate(zip(value, items)))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: must be true or false, got {value!r}")

@@ -1,0 +1,86 @@
+"""A trial's training worker is killed after an epoch; Ray Train restarts it from its last checkpoint."""
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from trainers.loop import DataPaths, fit, train_worker
+from trainers.recipe import TrainConfig
+from trainers.spec import ModelSpec
+
+SPEC = ModelSpec(num_classes=3, backbone_family="efficientnet_lite", backbone_width=0.5, backbone_depth=0.5,
+                 image_size=128, max_level=5, anchor_scale=1.5, fpn_channels=32, fpn_repeats=1, head_repeats=2,
+                 bn_momentum=0.1)
+RECIPE = TrainConfig(epochs=5, batch_size=8, eval_every=1, threads=1, loader_workers=1)
+
+
+def _train_worker_pids() -> list[int]:
+    # Ray titles its actor processes "ray::RayTrainWorker..."; forked loader workers inherit the title.
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # the process ended while we looked
+            pass
+    return pids
+
+
+def _kill_after_checkpoints(run_folder, count: int, done: threading.Event) -> list[int]:
+    killed: list[int] = []
+    while not done.is_set():
+        saved = [d for d in os.listdir(run_folder) if d.startswith("checkpoint_")] if run_folder.exists() else []
+        if len(saved) >= count:
+            for pid in _train_worker_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            return killed
+        time.sleep(0.1)
+    return killed
+
+
+def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(shapes, tmp_path):
+    data = DataPaths(shapes["train"]["annotations"], shapes["train"]["images"],
+                     shapes["val"]["annotations"], shapes["val"]["images"])
+    uninterrupted = fit(SPEC, data, RECIPE, lambda metrics, checkpoint: None)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"spec": SPEC.to_dict(), "data": asdict(data), "train": RECIPE.to_dict()},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(
+                name="resume", storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=1),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        )
+        done = threading.Event()
+        killed: list[int] = []
+        killer = threading.Thread(target=lambda: killed.extend(_kill_after_checkpoints(tmp_path / "resume", 2, done)))
+        killer.start()
+        try:
+            result = trainer.fit()
+        finally:
+            done.set()
+            killer.join()
+    finally:
+        ray.shutdown()
+
+    assert killed, "the worker was never killed"
+    final = result.metrics
+    print(f"killed pids {killed}; resumed from epoch {final['resumed_from_epoch']}; final AP {final['map']:.4f} "
+          f"(uninterrupted {uninterrupted['map']:.4f})")
+    # The run was killed during epoch 3 or later and went on from the checkpoint Ray had registered.
+    assert final["epoch"] == RECIPE.epochs and 1 <= final["resumed_from_epoch"] < RECIPE.epochs
+    for key in ("loss", "map", "map_raw", "map_ema", "map50", "lr"):
+        assert final[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
