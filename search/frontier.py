@@ -11,7 +11,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from search.pareto import pareto_front
-from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
+from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG
 
 
 @dataclass(frozen=True)

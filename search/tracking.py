@@ -123,7 +123,7 @@ def log_model(run_id: str, checkpoint_dir: str) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from trainers.loop import SPEC_FILE, load_model
+    from trainers.checkpoint import SPEC_FILE, load_model
 
     model, spec = load_model(checkpoint_dir)
     shape = (3, spec.image_size, spec.image_size)

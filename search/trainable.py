@@ -60,6 +60,8 @@ def _torch_trainer(spec: ModelSpec, job: dict, forward: ForwardReports) -> Torch
     train = dict(job["train"])
     if not train.get("threads") and not use_gpu:
         train["threads"] = resources["cpus_per_worker"]  # one intra-op thread per reserved core
+    if train.get("loader_workers", -1) < 0 and use_gpu:
+        train["loader_workers"] = max(1, resources["cpus_per_worker"] - 1)  # the other reserved cores load data
     trial_id = ray.tune.get_context().get_trial_id()
     return TorchTrainer(
         train_worker,

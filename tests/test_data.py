@@ -7,8 +7,8 @@ import torch
 from effdet.anchors import AnchorLabeler, Anchors
 from effdet.bench import _batch_detection, _post_process
 
-from trainers.data import (FILL_COLOR, CocoDetection, DataError, EpochSampler, LabelMap, coco_to_effdet_boxes,
-                           effdet_detections_to_coco, load_coco, make_collate, to_model_input)
+from trainers.data import (FILL_COLOR, CocoDetection, Collate, DataError, EpochSampler, LabelMap,
+                           coco_to_effdet_boxes, effdet_detections_to_coco, load_coco, to_model_input)
 from trainers.evaluate import CocoEvaluator
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
@@ -61,7 +61,7 @@ def test_dataset_targets_resize_pad_and_skip_crowd(tmp_path):
     assert target["cls"].tolist() == [1]
     assert target["img_scale"] == pytest.approx(1 / 0.64) and target["img_size"] == (200, 100)
     assert (image[:, 64:, :] == np.array(FILL_COLOR, dtype=np.uint8)[:, None, None]).all()  # padding below
-    images, targets = make_collate()([data[0], data[1]])
+    images, targets = Collate()([data[0], data[1]])
     assert images.shape == (2, 3, 128, 128) and images.dtype == torch.uint8
     assert (targets["cls"][1] == -1).all() and targets["cls"][0, 0] == 1
     assert to_model_input(images[:1], "cpu")[:, :, 64:, :].abs().max() < 0.02  # the fill colour normalises to ~0
@@ -129,7 +129,7 @@ def test_labeler_targets_through_postprocess_score_ap_one(shapes, swap_xy, expec
     anchors = Anchors.from_config(config)
     labeler = AnchorLabeler(anchors, spec.num_classes, match_threshold=0.5)
     data = CocoDetection(shapes["val"]["annotations"], shapes["val"]["images"], spec.image_size, train=False)
-    images, targets = make_collate()([data[i] for i in range(len(data))])
+    images, targets = Collate()([data[i] for i in range(len(data))])
     bbox = targets["bbox"].clone()
     if swap_xy:
         bbox = bbox[:, :, [1, 0, 3, 2]]

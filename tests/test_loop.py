@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainers.checkpoint import EMA_WEIGHTS, RAW_WEIGHTS, STATE_FILE
-from trainers.loop import DataPaths, NonFiniteLoss, OutOfMemory, fit, load_model
+from trainers.checkpoint import EMA_WEIGHTS, RAW_WEIGHTS, STATE_FILE, load_model
+from trainers.loop import DataPaths, NonFiniteLoss, OutOfMemory, fit
 from trainers.recipe import TrainConfig, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
 from trainers.typed import ConfigError, from_mapping

@@ -1,4 +1,6 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
+import re
+
 import pytest
 from conftest import searched_store
 
@@ -103,3 +105,22 @@ def test_promote_refuses_an_impossible_budget(searched):
     outcome, client, job = searched
     with pytest.raises(FrontierError, match="fits within 0.001 GFLOPs; the cheapest frontier model needs"):
         promote(client, job.name, max_gflops=0.001)
+
+
+def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes):
+    raw = {
+        "name": "diverging",
+        "data": {"train": shapes["train"], "val": shapes["val"]},
+        # One trial at a time: the second starts only after the first has failed.
+        "search": {"trials": 2, "max_concurrent_trials": 1, "seed": 0},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e+12, "warmup_epochs": 0},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
+    }
+    with searched_store(tmp_path, raw) as (outcome, client):
+        children = _children(client, outcome)
+        assert outcome.failed == 2 and outcome.finished == 0 and outcome.frontier == []
+        assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+        assert len(children) == 2
+        for run in children:
+            assert run.info.status == "FAILED"
+            assert re.search(r"loss became non-finite at epoch 1 step \d+", run.data.tags["effsearch.error"])

@@ -16,6 +16,7 @@ from effdet.data.loader import DetectionFastCollate
 from effdet.data.transforms import RandomFlip, RandomResizePad, ResizePad
 from PIL import Image
 
+from trainers.anchors import BatchAnchorLabeler
 from trainers.validate import DataError, DataReport, load_coco, validate_coco
 
 MAX_BOXES = 100  # per image; effdet pads targets to a fixed count
@@ -163,12 +164,22 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-def make_collate(labeler=None) -> DetectionFastCollate:
-    """effdet's collate: uint8 images and padded targets; given an AnchorLabeler, anchor targets as well.
+class Collate:
+    """effdet's DetectionFastCollate (uint8 images, targets padded to MAX_BOXES), plus anchor labels if given.
 
-    Labelling in the collate moves it off the training step and into the loader workers (effdet's design).
+    Labelling in the collate runs it in the loader workers, beside the training step (effdet's design), and
+    BatchAnchorLabeler labels the whole batch at once.
     """
-    return DetectionFastCollate(max_instances=MAX_BOXES, anchor_labeler=labeler)
+
+    def __init__(self, labeler: BatchAnchorLabeler | None = None):
+        self.collate = DetectionFastCollate(max_instances=MAX_BOXES)
+        self.labeler = labeler
+
+    def __call__(self, batch):
+        images, targets = self.collate(batch)
+        if self.labeler is not None:
+            targets.update(self.labeler(targets["bbox"], targets["cls"]))
+        return images, targets
 
 
 def to_model_input(images: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
-from trainers.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: F401 (load_model re-exported)
+from trainers.checkpoint import load_checkpoint, save_checkpoint
 from trainers.cost import latency_ms, model_cost
-from trainers.data import CocoDetection, EpochSampler, make_collate, to_model_input
+from trainers.data import CocoDetection, Collate, EpochSampler, to_model_input
 from trainers.evaluate import CocoEvaluator
 from trainers.model import anchor_labeler, build_model, predict_bench, train_bench
-from trainers.recipe import TrainConfig, autocast_dtype, build_optimizer, build_schedule
+from trainers.recipe import TrainConfig, autocast_dtype, build_optimizer, build_schedule, loader_workers
 from trainers.spec import ModelSpec
 from trainers.syncbn import convert_sync_batchnorm
 from trainers.validate import check_same_categories
@@ -120,7 +120,8 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
         last = epoch == recipe.epochs
         if last or epoch % recipe.eval_every == 0:
             with step_context(epoch, "evaluation"):
-                accuracy, deploy = _evaluate_all(predictors, val_loader, evaluator, device, rank, world_size)
+                accuracy, deploy = _evaluate_all(predictors, val_loader, evaluator, device, rank, world_size,
+                                                 channels_last)
         metrics = {
             "epoch": epoch, "loss": loss_sum / max(1, step), "epoch_s": epoch_s,
             "images_per_s": seen * world_size / epoch_s, "gflops": cost.gflops, "params_m": cost.params_m,
@@ -146,15 +147,15 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
 
 def _loaders(train_set, val_set, model, recipe: TrainConfig, rank: int, world_size: int, device: torch.device):
     # Loader workers decode, augment and label anchors (in the collate) while the model trains.
-    workers = {"num_workers": recipe.loader_workers, "persistent_workers": recipe.loader_workers > 0,
-               "pin_memory": device.type == "cuda"}
+    count = loader_workers(recipe, device)
+    workers = {"num_workers": count, "persistent_workers": count > 0, "pin_memory": device.type == "cuda"}
     sampler = EpochSampler(_train_sampler(train_set, recipe, rank, world_size))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=make_collate(anchor_labeler(model)), **workers)
+        collate_fn=Collate(anchor_labeler(model)), **workers)
     # Each rank predicts every world_size-th validation image; rank 0 scores them all.
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=recipe.batch_size, collate_fn=make_collate(),
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=recipe.batch_size, collate_fn=Collate(),
                                              **workers)
     return sampler, train_loader, val_loader
 
@@ -226,9 +227,10 @@ def _shard_overlap(indices: list[int], world_size: int) -> int:
     return len(everyone) - len(set(everyone))
 
 
-def _evaluate_all(predictors: dict, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int):
+def _evaluate_all(predictors: dict, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int,
+                  channels_last: bool):
     """Score every set of weights (raw, EMA); the better one's scores become the trial's, and it is deployed."""
-    scores = {name: _evaluate(predictor, loader, evaluator, device, rank, world_size)
+    scores = {name: _evaluate(predictor, loader, evaluator, device, rank, world_size, channels_last)
               for name, predictor in predictors.items()}
     if rank != 0:
         return {}, "raw"
@@ -236,14 +238,15 @@ def _evaluate_all(predictors: dict, loader, evaluator: CocoEvaluator, device, ra
     return {**scores[best], **{f"map_{name}": s["map"] for name, s in scores.items()}}, best
 
 
-def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int) -> dict:
+def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int,
+              channels_last: bool) -> dict:
     predictor.eval()
     image_ids, detections = [], []
     with torch.inference_mode():
         for images, targets in loader:
             info = {"img_scale": targets["img_scale"].to(device), "img_size": targets["img_size"].to(device)}
             image_ids.append(targets["image_id"].numpy())
-            detections.append(predictor(to_model_input(images, device), info).cpu().numpy())
+            detections.append(predictor(to_model_input(images, device, channels_last), info).cpu().numpy())
     if world_size > 1:
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, (image_ids, detections))

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 from effdet import DetBenchPredict, DetBenchTrain, EfficientDet
-from effdet.anchors import AnchorLabeler, Anchors
+from effdet.anchors import Anchors
 from effdet.config import get_efficientdet_config
 from effdet.config.fpn_config import get_fpn_config
 
 from trainers import backbones
+from trainers.anchors import BatchAnchorLabeler
 from trainers.spec import ModelSpec
 
 _FPN_NAMES = {"fastattn": "bifpn_fa", "attn": "bifpn_attn", "sum": "bifpn_sum"}
@@ -59,9 +60,9 @@ def train_bench(model: EfficientDet, *, labels_in_batch: bool = False) -> DetBen
     return DetBenchTrain(model, create_labeler=not labels_in_batch)
 
 
-def anchor_labeler(model: EfficientDet) -> AnchorLabeler:
-    """The labeler DetBenchTrain would build, for labelling in the data loader instead."""
-    return AnchorLabeler(Anchors.from_config(model.config), model.config.num_classes, match_threshold=0.5)
+def anchor_labeler(model: EfficientDet) -> BatchAnchorLabeler:
+    """Labels batches in the data loader by the rules of the labeler DetBenchTrain would build."""
+    return BatchAnchorLabeler(Anchors.from_config(model.config), model.config.num_classes, match_threshold=0.5)
 
 
 def predict_bench(model: EfficientDet) -> DetBenchPredict:

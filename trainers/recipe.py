@@ -31,7 +31,10 @@ class TrainConfig:
     scale_jitter: tuple[float, float] = (0.8, 1.2)  # random resize-pad scale range (effdet's COCO: 0.1-2.0)
     amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a scaler; off on CPU
     channels_last: bool = True  # on CUDA only
-    loader_workers: int = 1  # processes decoding, augmenting and labelling batches beside each trainer
+    # Processes decoding, augmenting and labelling batches beside each trainer. -1 picks: none on CPU, where
+    # the training threads already use every reserved core and a loader process only preempts them
+    # (benchmarks/train_throughput.py), and 4 on CUDA, where the CPU would otherwise sit idle.
+    loader_workers: int = -1
     eval_every: int = 2  # evaluating every epoch costs 2-5 s of a ~15 s CPU epoch; the last epoch always evaluates
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 leaves torch's default
@@ -44,7 +47,9 @@ class TrainConfig:
         for key in ("lr", "ema_decay"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "warmup_epochs", "clip_grad_norm", "momentum", "loader_workers", "threads"):
+        if self.loader_workers < -1:
+            raise ConfigError(f"loader_workers: must be >= 0, or -1 to choose by device, got {self.loader_workers}")
+        for key in ("weight_decay", "warmup_epochs", "clip_grad_norm", "momentum", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.optimizer not in OPTIMIZERS:
@@ -88,6 +93,12 @@ def build_schedule(optimizer: torch.optim.Optimizer, recipe: TrainConfig, steps_
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loader_workers(recipe: TrainConfig, device: torch.device) -> int:
+    if recipe.loader_workers >= 0:
+        return recipe.loader_workers
+    return 4 if device.type == "cuda" else 0
 
 
 def autocast_dtype(recipe: TrainConfig, device: torch.device) -> torch.dtype | None:

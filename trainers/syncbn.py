@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch import nn
