@@ -19,7 +19,8 @@ MODEL_URI_TAG = "effsearch.model_uri"  # the logged model (models:/m-...) that p
 # Per-epoch metrics worth a curve in the UI.
 EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
                  "epoch_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
-                 "shard_overlap", "eval_images", "dropped_boxes", "peak_memory_mb")
+                 "shard_overlap", "eval_images", "dropped_boxes", "peak_memory_mb", "map_raw", "map_ema",
+                 "resumed_from_epoch")
 MODEL_PIP_REQUIREMENTS = ["torch==2.14.1", "effdet==0.4.1"]
 
 

@@ -50,6 +50,8 @@ def test_trained_trials_have_per_epoch_metrics_and_params(searched):
         assert all(0.0 <= m.value <= 1.0 for m in history)
         assert 0 < run.data.metrics["gflops"] <= BUDGET
         assert run.data.metrics["params_m"] > 0 and "map50" in run.data.metrics
+        # Raw and EMA weights are both scored; the better one is the trial's AP.
+        assert run.data.metrics["map"] == max(run.data.metrics["map_raw"], run.data.metrics["map_ema"])
         assert run.data.params["backbone_family"] == "efficientnet_lite"
         assert run.data.tags[FULL_BUDGET_TAG] == "true"
 
