@@ -65,6 +65,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         "data": {
             "train_annotations": job.data.train.annotations, "train_images": job.data.train.images,
             "val_annotations": job.data.val.annotations, "val_images": job.data.val.images,
+            "images_checked": True,  # just above, once for the whole search
         },
         "storage_path": storage_path,
     }

@@ -20,6 +20,7 @@ from trainers.model import anchor_labeler, build_model, predict_bench, train_ben
 from trainers.recipe import TrainConfig, autocast_dtype, build_optimizer, build_schedule, loader_workers
 from trainers.spec import ModelSpec
 from trainers.syncbn import convert_sync_batchnorm
+from trainers.typed import from_mapping
 from trainers.validate import check_same_categories
 
 # report(metrics, checkpoint_dir or None)
@@ -32,6 +33,9 @@ class DataPaths:
     train_images: str
     val_annotations: str
     val_images: str
+    # Set by a caller that has already opened every image (the search does, once, before any trial), so
+    # that each trial and each worker does not open them all again.
+    images_checked: bool = False
 
 
 class NonFiniteLoss(RuntimeError):
@@ -58,10 +62,12 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
         torch.set_num_threads(recipe.threads)
     device = torch.device(device)
     cost = model_cost(spec)
-    # Both splits are validated, images included, before the first step.
+    # Both splits are validated, images included unless already checked, before the first step.
+    check_images = not data.images_checked
     train_set = CocoDetection(data.train_annotations, data.train_images, spec.image_size, train=True,
-                              seed=recipe.seed, scale_jitter=recipe.scale_jitter, check_images=True)
-    val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False, check_images=True)
+                              seed=recipe.seed, scale_jitter=recipe.scale_jitter, check_images=check_images)
+    val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False,
+                            check_images=check_images)
     check_same_categories(train_set.report, val_set.report)
 
     model = build_model(spec).to(device)
@@ -278,7 +284,7 @@ def train_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
         fit(
             ModelSpec.from_dict(config["spec"]), DataPaths(**config["data"]),
-            TrainConfig(**{**config["train"], "scale_jitter": tuple(config["train"]["scale_jitter"])}), report,
+            from_mapping(TrainConfig, config["train"], "train"), report,
             rank=context.get_world_rank(), world_size=context.get_world_size(),
             device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
             resume_from=resume_from,
