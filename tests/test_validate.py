@@ -99,3 +99,10 @@ def test_duplicate_category_ids_are_rejected(tmp_path):
     path = _dataset(tmp_path, categories=[{"id": 2, "name": "x"}, {"id": 2, "name": "y"}])
     with pytest.raises(DataError, match="category ids are not unique"):
         validate_split(path, tmp_path)
+
+
+def test_duplicate_annotation_ids_are_rejected(tmp_path):
+    box = {"image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "iscrowd": 0}
+    path = _dataset(tmp_path, annotations=[{"id": 7, **box}, {"id": 7, **box}])
+    with pytest.raises(DataError, match=r"ann.json: annotation id 7 appears twice"):
+        validate_split(path, tmp_path)

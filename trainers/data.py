@@ -84,7 +84,8 @@ class CocoDetection(torch.utils.data.Dataset):
                                                 check_images=check_images)
         self.labels = LabelMap(tuple(sorted(c["id"] for c in self.coco.dataset["categories"])))
         self.image_ids = sorted(self.coco.imgs)
-        self._targets = {i: self._boxes_for(i) for i in self.image_ids}
+        dropped = set(self.report.degenerate_ids)
+        self._targets = {i: self._boxes_for(i, dropped) for i in self.image_ids}
         if train:
             self._transforms = [RandomResizePad(image_size, scale=scale_jitter, interpolation="bilinear",
                                                 fill_color=FILL_COLOR), RandomFlip(horizontal=True, prob=0.5)]
@@ -97,13 +98,13 @@ class CocoDetection(torch.utils.data.Dataset):
     def dropped_boxes(self) -> int:
         return len(self.report.degenerate_ids)
 
-    def _boxes_for(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def _boxes_for(self, image_id: int, dropped: set) -> tuple[np.ndarray, np.ndarray]:
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             x, y, w, h = ann["bbox"]
             # Crowd regions are not trained on (COCOeval treats them as ignore regions); degenerate boxes
             # were counted by validation and are dropped.
-            if ann.get("iscrowd", 0) or w <= 1 or h <= 1:
+            if ann.get("iscrowd", 0) or ann["id"] in dropped:
                 continue
             boxes.append([x, y, w, h])
             labels.append(self.labels.to_label(ann["category_id"]))

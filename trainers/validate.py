@@ -98,9 +98,13 @@ def validate_coco(coco: COCO, annotation_file: str | Path, image_dir: str | Path
             raise DataError(f"{path}: image id {image_id} appears twice")
         images[image_id] = record
     report.images = len(images)
-    annotated = set()
+    annotated, seen = set(), set()
     for ann in coco.dataset["annotations"]:
         where = f"{path}: annotation id {ann['id']}"
+        # pycocotools indexes annotations by id, and the loader drops degenerate boxes by id.
+        if ann["id"] in seen:
+            raise DataError(f"{where} appears twice")
+        seen.add(ann["id"])
         image = images.get(ann["image_id"])
         if image is None:
             raise DataError(f"{where}: image id {ann['image_id']} does not exist")
