@@ -22,6 +22,10 @@ class UsageError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class SearchFailed(Exception):
+    """The search ran but produced nothing usable: printed as one line, exit status 1."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -41,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, JobError, ConfigError, DataError, FrontierError) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 2
+    except SearchFailed as err:
+        print(f"effsearch: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("effsearch: interrupted; finished trials stay recorded in MLflow", file=sys.stderr)
+        print("effsearch: interrupted; the search and its open trials are marked KILLED in MLflow, "
+              "finished trials stay recorded", file=sys.stderr)
         return 130
 
 
@@ -100,8 +108,6 @@ def _demo(args) -> int:
     job_file, job = demo_job(args.dir, trials=args.trials, epochs=args.epochs)
     print(f"job file: {job_file}")
     outcome = _run_and_report(job)
-    if not outcome.frontier:
-        raise UsageError("no trial finished, so there is nothing to promote")
     budget = max(DEMO_PROMOTE_GFLOPS, min(p.gflops for p in outcome.frontier))
     _promote_and_report(job.name, budget, job.registered_model_name)
     _ui_hint()
@@ -129,6 +135,9 @@ def _run_and_report(job, address=None):
     print(f"\n{outcome.finished} trials finished, {outcome.failed} did not train. "
           f"Frontier (parent run {outcome.parent_run_id}):")
     print(format_table(outcome.frontier))
+    if outcome.finished == 0:  # the frontier may still hold an earlier search's trials
+        reason = f" (first failure: {outcome.first_error})" if outcome.first_error else ""
+        raise SearchFailed(f"no trial of {outcome.finished + outcome.failed} finished training{reason}")
     return outcome
 
 

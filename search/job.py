@@ -9,6 +9,7 @@ import yaml
 
 from spaces import SPACES
 from trainers.recipe import TrainConfig
+from trainers.validate import CHECK_MODES
 from trainers.typed import ConfigError, from_mapping
 
 
@@ -26,6 +27,18 @@ class DataSplit:
 class DataConfig:
     train: DataSplit
     val: DataSplit
+    # How the images are checked before anything trains: full (decode every image), headers (sizes and
+    # EXIF orientation only), or sample (decode a seeded sample of 500). See trainers/validate.py.
+    check: str = "full"
+    # Decoded images kept in memory, per node, shared by its workers; a split that does not fit is not cached.
+    cache_gib: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local ImageNet checkpoint of a standard EfficientNet / EfficientNet-Lite (a timm state dict, .pth or
+    # .safetensors). The search then keeps the backbone at that size and searches the rest.
+    backbone_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class Job:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     model_name: str | None = None  # registered model name; defaults to the job name
 
     @property
@@ -81,7 +95,11 @@ def parse_job(raw: Any, *, source: str = "job", base_dir: Path | str = ".") -> J
     except ConfigError as err:
         raise JobError(f"{source}: {err}") from None
     _check_values(job, source)
-    return replace(job, data=_resolve_data(job.data, Path(base_dir), source))
+    job = replace(job, data=_resolve_data(job.data, Path(base_dir), source))
+    if job.model.backbone_weights:
+        weights = _resolve(job.model.backbone_weights, Path(base_dir), "job.model.backbone_weights", True, source)
+        job = replace(job, model=replace(job.model, backbone_weights=weights))
+    return job
 
 
 def _check_values(job: Job, source: str) -> None:
@@ -101,21 +119,25 @@ def _check_values(job: Job, source: str) -> None:
             problems.append(f"job.resources.{key}: must be >= 0")
     if not job.name.strip():
         problems.append("job.name: must not be empty")
+    if job.data.check not in CHECK_MODES:
+        problems.append(f"job.data.check: must be one of {', '.join(CHECK_MODES)}, got {job.data.check!r}")
+    if job.data.cache_gib < 0:
+        problems.append("job.data.cache_gib: must be >= 0")
     if problems:
         raise JobError(f"{source}: {problems[0]}")
 
 
-def _resolve_data(data: DataConfig, base: Path, source: str) -> DataConfig:
-    def resolve(split: str, key: str, want_file: bool) -> str:
-        value = Path(getattr(getattr(data, split), key)).expanduser()
-        path = value if value.is_absolute() else (base / value)
-        ok = path.is_file() if want_file else path.is_dir()
-        if not ok:
-            kind = "file" if want_file else "folder"
-            raise JobError(f"{source}: job.data.{split}.{key}: {kind} not found: {path}")
-        return str(path.resolve())
+def _resolve(value: str, base: Path, key: str, want_file: bool, source: str) -> str:
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else (base / path)
+    if not (path.is_file() if want_file else path.is_dir()):
+        raise JobError(f"{source}: {key}: {'file' if want_file else 'folder'} not found: {path}")
+    return str(path.resolve())
 
-    return DataConfig(**{
-        split: DataSplit(annotations=resolve(split, "annotations", True), images=resolve(split, "images", False))
-        for split in ("train", "val")
-    })
+
+def _resolve_data(data: DataConfig, base: Path, source: str) -> DataConfig:
+    splits = {split: DataSplit(
+        annotations=_resolve(getattr(data, split).annotations, base, f"job.data.{split}.annotations", True, source),
+        images=_resolve(getattr(data, split).images, base, f"job.data.{split}.images", False, source))
+        for split in ("train", "val")}
+    return replace(data, **splits)

@@ -6,6 +6,8 @@ import time
 
 from ray.tune import Callback
 
+from search.trial_runs import error_summary
+
 
 class ProgressPrinter(Callback):
     def __init__(self, total_trials: int, total_epochs: int, stream=None):
@@ -49,6 +51,4 @@ class ProgressPrinter(Callback):
 
 
 def _last_line(trial) -> str:
-    from search.tracking import _error_summary
-
-    return _error_summary(trial) or "error (see the trial's log)"
+    return error_summary(trial) or "error (see the trial's log)"

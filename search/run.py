@@ -1,12 +1,13 @@
 """Runs one search: Ray Tune trials proposed by OptunaSearch on (AP, GFLOPs), recorded in MLflow."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import mlflow
 import optuna
@@ -16,12 +17,14 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search.frontier import TrialPoint, record_frontier
-from search.job import Job
+from search.job import Job, JobError
 from search.progress import ProgressPrinter
-from search.tracking import DEFAULT_STORE, MlflowTrialLogger, ensure_experiment, tracking_uri
-from search.trainable import DRIVER_CPUS, run_trial
+from search.tracking import DEFAULT_STORE, close_open_runs, ensure_experiment, tracking_uri
+from search.trainable import DRIVER_CPUS, TrialSetup, run_trial
+from search.trial_runs import MlflowTrialLogger
 from spaces import METRICS, MODES, SPACES
-from trainers.validate import check_same_categories, validate_split
+from trainers.annotations import TrainingData
+from trainers.validate import DataError, load_training_data
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,23 @@ class SearchOutcome:
     frontier: list[TrialPoint]
     finished: int
     failed: int
+    first_error: str = ""  # the first failed trial's one-line reason
 
 
 def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE,
-               say: Callable[[str], None] = print) -> SearchOutcome:
-    # Bad data fails here, in one line, before any run is created or any worker starts.
-    reports = {split: validate_split(getattr(job.data, split).annotations, getattr(job.data, split).images)
-               for split in ("train", "val")}
-    check_same_categories(reports["train"], reports["val"])
+               say: Callable[[str], None] = print, trainable: Callable = run_trial,
+               callbacks: Sequence[tune.Callback] = ()) -> SearchOutcome:
+    """Run job's search; `trainable` is what each trial runs (the real one by default), `callbacks` extra Tune
+    callbacks. Whatever happens, every MLflow run it created ends FINISHED, FAILED or KILLED."""
+    # Bad data fails here, in one line, before any run is created or Ray starts. The annotations are parsed
+    # once, here, and every worker gets the compact index.
+    data, reports = load_training_data(
+        job.data.train.annotations, job.data.train.images, job.data.val.annotations, job.data.val.images,
+        check=job.data.check, cache_bytes_per_node=int(job.data.cache_gib * 2**30), say=say)
     for report in reports.values():
         say(f"data: {report.summary()}")
-    num_classes = len(reports["train"].category_ids)
+    _check_fits(job, data)
+    space = _space(job)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -50,56 +59,81 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     parent = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"effsearch.kind": "search"})
     parent_id = parent.info.run_id
-    for key, value in _flat_params(job).items():
-        client.log_param(parent_id, key, value)
-    for split, report in reports.items():
-        client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
-
-    store = store.resolve()
-    storage_path = str(store / "ray")
-    trial_job = {
-        "num_classes": num_classes,
-        "max_gflops": job.search.max_gflops,
-        "resources": asdict(job.resources),
-        "train": job.train.to_dict(),
-        "data": {
-            "train_annotations": job.data.train.annotations, "train_images": job.data.train.images,
-            "val_annotations": job.data.val.annotations, "val_images": job.data.val.images,
-            "images_checked": True,  # just above, once for the whole search
-        },
-        "storage_path": storage_path,
-    }
-    _start_ray(ray_address)
-    searcher = OptunaSearch(
-        SPACES[job.search.space], metric=METRICS, mode=MODES,
-        sampler=optuna.samplers.TPESampler(seed=job.search.seed, n_startup_trials=max(2, job.search.trials // 3)),
-        study_name=job.name, storage=_optuna_storage(store / "optuna.journal"))
-    logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs)
-    progress = ProgressPrinter(job.search.trials, job.train.epochs)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, job=trial_job), {"cpu": DRIVER_CPUS}),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=job.search.trials,
-            max_concurrent_trials=job.search.max_concurrent_trials),
-        run_config=tune.RunConfig(
-            name=f"{job.name}-{parent_id[:8]}", storage_path=storage_path, callbacks=[logger, progress],
-            verbose=0, failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
-    )
-    status = "FINISHED"
+    status, children_status = "FAILED", "FAILED"
     try:
-        results = tuner.fit()
-    except BaseException:
-        status = "KILLED"
-        raise
+        for key, value in _flat_params(job).items():
+            client.log_param(parent_id, key, value)
+        for split, report in reports.items():
+            client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
+        storage_path = str(store.resolve() / "ray")
+        setup = TrialSetup(job=job, data=data, storage_path=storage_path)
+        _start_ray(ray_address)
+        searcher = OptunaSearch(
+            space, metric=METRICS, mode=MODES,
+            sampler=optuna.samplers.TPESampler(seed=job.search.seed,
+                                               n_startup_trials=max(2, job.search.trials // 3)),
+            study_name=job.name, storage=_optuna_storage(store.resolve() / "optuna.journal"))
+        logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs)
+        progress = ProgressPrinter(job.search.trials, job.train.epochs)
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trainable, setup=setup), {"cpu": DRIVER_CPUS}),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=job.search.trials,
+                max_concurrent_trials=job.search.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name=f"{job.name}-{parent_id[:8]}", storage_path=storage_path,
+                callbacks=[logger, progress, *callbacks],
+                verbose=0, failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            status = children_status = "KILLED"
+            raise
+        status = "FINISHED"
     finally:
-        # Whatever happened, the trials already recorded keep their frontier tags and the parent is closed.
+        # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
+        # runs too, and the trials already recorded keep their frontier tags.
+        close_open_runs(client, experiment_id, parent_id, children_status)
         frontier = record_frontier(client, experiment_id, parent_id)
         client.set_terminated(parent_id, status)
-    failed = sum(1 for r in results if r.error is not None)
-    return SearchOutcome(experiment_id, parent_id, frontier, len(results) - failed, failed)
+    failed = [r for r in results if r.error is not None]
+    first_error = str(failed[0].error).strip().splitlines()[-1] if failed else ""
+    return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error)
+
+
+def _check_fits(job: Job, data: TrainingData) -> None:
+    """A training split smaller than one global batch trains nothing: say so before Ray starts."""
+    global_batch = job.train.batch_size * job.resources.workers_per_trial
+    if len(data.train) < global_batch:
+        raise DataError(f"{data.train.annotation_file}: {len(data.train)} images are fewer than one global batch "
+                        f"(train.batch_size {job.train.batch_size} x resources.workers_per_trial "
+                        f"{job.resources.workers_per_trial} = {global_batch})")
+
+
+def _space(job: Job):
+    """The job's search space; with pretrained backbone weights, the backbone is held at their size."""
+    space = SPACES[job.search.space]
+    if not job.model.backbone_weights:
+        return space
+    from trainers.pretrained import read_backbone_weights, standard_backbone_of
+
+    found = standard_backbone_of(read_backbone_weights(job.model.backbone_weights))
+    if found is None:
+        raise JobError(f"job.model.backbone_weights: {job.model.backbone_weights} holds no standard EfficientNet or "
+                       f"EfficientNet-Lite backbone, so the search cannot size its backbone to it")
+    _, family, width, depth = found
+    return functools.partial(space, backbone=(family, width, depth))
 
 
 def _start_ray(address: str | None) -> None:
+    # Trials report every epoch but are scored (map) only every train.eval_every epochs; Tune's strict check
+    # would kill the search at the first unscored report. The searcher reads only a trial's final result,
+    # and the last epoch is always scored.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Ctrl-C must stop the search, not ask Tune to wind it down and then report success: with Tune's
+    # handler off it raises KeyboardInterrupt here, the runs are ended KILLED, and the command exits 130.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     if ray.is_initialized():
         return
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -110,6 +144,9 @@ def _start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
         return
+    # Ray turns token authentication on for a new local cluster (good) and warns about it on every start,
+    # which a user can do nothing about; the README says it once.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Each trial's driver reserves DRIVER_CPUS and does no compute; one spare logical CPU lets the drivers
     # sit beside workers that reserve whole cores.
     ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
@@ -131,4 +168,6 @@ def _flat_params(job: Job) -> dict:
             flat[f"{section}.{key}"] = value
     flat["data.train"] = job.data.train.annotations
     flat["data.val"] = job.data.val.annotations
+    flat["data.check"] = job.data.check
+    flat["model.backbone_weights"] = job.model.backbone_weights
     return flat

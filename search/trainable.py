@@ -10,6 +10,7 @@ avoids that race.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import ray.train
 import ray.tune
@@ -17,8 +18,10 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
+from search.job import Job, ResourcesConfig
 from spaces import check_budget
-from trainers.loop import train_worker
+from trainers.annotations import TrainingData
+from trainers.loop import TrialPlan, train_worker
 from trainers.spec import ModelSpec
 
 # The driver only waits on its TorchTrainer; Ray needs a nonzero reservation to place it.
@@ -42,36 +45,45 @@ class ForwardReports(UserCallback):
         self.queue.put(item)
 
 
-def run_trial(config: dict, *, job: dict) -> None:
-    """config is what the search space proposed ({"spec": {...}, ...}); job holds everything constant."""
-    spec = ModelSpec.from_dict({**config["spec"], "num_classes": job["num_classes"]}, where="trial spec")
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search shares, built once by the driver: the typed job and the indexed data.
+
+    Tune stores it in the object store once (tune.with_parameters); it is never turned back into a dict.
+    """
+
+    job: Job
+    data: TrainingData
+    storage_path: str
+
+
+def run_trial(config: dict, *, setup: TrialSetup) -> None:
+    """config is what the search space proposed ({"spec": {...}}); setup holds everything constant."""
+    job = setup.job
+    spec = ModelSpec.from_dict({**config["spec"], "num_classes": setup.data.train.num_classes}, where="trial spec")
     # Rejected before any worker starts: an over-budget configuration costs no accelerator time.
-    check_budget(spec, job["max_gflops"])
+    check_budget(spec, job.search.max_gflops)
+    resources = job.resources
+    plan = TrialPlan(spec=spec, data=setup.data, recipe=job.train, backbone_weights=job.model.backbone_weights,
+                     cpus_per_worker=resources.cpus_per_worker)
     queue = Queue(actor_options={"num_cpus": 0})
-    _fit_and_forward(_torch_trainer(spec, job, ForwardReports(queue)), queue)
+    _fit_and_forward(_torch_trainer(plan, resources, setup.storage_path, ForwardReports(queue)), queue)
 
 
-def _torch_trainer(spec: ModelSpec, job: dict, forward: ForwardReports) -> TorchTrainer:
-    resources = job["resources"]
-    use_gpu = resources["gpus_per_worker"] > 0
-    per_worker = {"CPU": resources["cpus_per_worker"]}
-    if use_gpu:
-        per_worker["GPU"] = resources["gpus_per_worker"]
-    train = dict(job["train"])
-    if not train.get("threads") and not use_gpu:
-        train["threads"] = resources["cpus_per_worker"]  # one intra-op thread per reserved core
-    if train.get("loader_workers", -1) < 0 and use_gpu:
-        train["loader_workers"] = max(1, resources["cpus_per_worker"] - 1)  # the other reserved cores load data
+def _torch_trainer(plan: TrialPlan, resources: ResourcesConfig, storage_path: str,
+                   forward: ForwardReports) -> TorchTrainer:
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     trial_id = ray.tune.get_context().get_trial_id()
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.to_dict(), "data": job["data"], "train": train},
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources["workers_per_trial"], use_gpu=use_gpu, resources_per_worker=per_worker),
+            num_workers=resources.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker),
         # The fixed name makes a restarted trial's TorchTrainer continue from the same run's last checkpoint.
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}", storage_path=job["storage_path"], callbacks=[forward],
-            failure_config=ray.train.FailureConfig(max_failures=resources["max_failures"]),
+            name=f"train-{trial_id}", storage_path=storage_path, callbacks=[forward],
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
     )
 

@@ -5,7 +5,10 @@ from typing import Any, Callable
 
 import optuna
 
-Space = Callable[[optuna.Trial], dict[str, Any]]
+Space = Callable[..., dict[str, Any]]
+# (backbone_family, width, depth) of a pretrained backbone: the space then keeps the backbone at that size,
+# since ImageNet weights exist only for the standard sizes, and searches everything else.
+FixedBackbone = tuple[str, float, float]
 
 
 def scaled_anchor(image_size: int) -> float:
@@ -18,7 +21,7 @@ def scaled_anchor(image_size: int) -> float:
 ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
 
 
-def lite_cpu(trial: optuna.Trial) -> dict[str, Any]:
+def lite_cpu(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> dict[str, Any]:
     """EfficientDet-Lite below D0, sized so every configuration trains in 1-4 minutes on 2 CPU cores.
 
     One compound coefficient phi scales backbone width, depth and input resolution together, from a base of
@@ -29,10 +32,11 @@ def lite_cpu(trial: optuna.Trial) -> dict[str, Any]:
     """
     phi = trial.suggest_float("phi", 0.0, 1.0, step=0.5)
     image_size = 32 * round(160 * GAMMA**phi / 32)
+    family, width, depth = backbone or ("efficientnet_lite", round(0.5 * BETA**phi, 3), round(0.5 * ALPHA**phi, 3))
     spec = {
-        "backbone_family": "efficientnet_lite",
-        "backbone_width": round(0.5 * BETA**phi, 3),
-        "backbone_depth": round(0.5 * ALPHA**phi, 3),
+        "backbone_family": family,
+        "backbone_width": width,
+        "backbone_depth": depth,
         "image_size": image_size,
         "fpn_channels": trial.suggest_int("fpn_channels", 32, 64, step=16),
         "fpn_repeats": trial.suggest_int("fpn_repeats", 1, 3),
@@ -43,17 +47,22 @@ def lite_cpu(trial: optuna.Trial) -> dict[str, Any]:
         "fusion": "fastattn",
         # effdet's 0.01 momentum barely moves in a few hundred CPU steps (DESIGN.md).
         "bn_momentum": 0.1,
+        "drop_path_rate": 0.1,  # effdet's own EfficientDet-Lite value
     }
     return {"spec": spec}
 
 
-def efficientdet(trial: optuna.Trial) -> dict[str, Any]:
+def efficientdet(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> dict[str, Any]:
     """The paper's compound-scaling family around D0..D3, for GPU clusters."""
     image_size = trial.suggest_int("image_size", 384, 896, step=128)
+    family, width, depth = backbone or (
+        trial.suggest_categorical("backbone_family", ["efficientnet", "efficientnet_lite"]),
+        trial.suggest_float("backbone_width", 0.75, 1.2, step=0.05),
+        trial.suggest_float("backbone_depth", 0.75, 1.4, step=0.05))
     spec = {
-        "backbone_family": trial.suggest_categorical("backbone_family", ["efficientnet", "efficientnet_lite"]),
-        "backbone_width": trial.suggest_float("backbone_width", 0.75, 1.2, step=0.05),
-        "backbone_depth": trial.suggest_float("backbone_depth", 0.75, 1.4, step=0.05),
+        "backbone_family": family,
+        "backbone_width": width,
+        "backbone_depth": depth,
         "image_size": image_size,
         "fpn_channels": trial.suggest_int("fpn_channels", 48, 160, step=16),
         "fpn_repeats": trial.suggest_int("fpn_repeats", 2, 6),

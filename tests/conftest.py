@@ -47,3 +47,11 @@ def searched_store(folder, raw_job):
     finally:
         ray.shutdown()
         patch.undo()
+
+
+def training_data(paths, **options):
+    """The validated, indexed TrainingData of a {split: {annotations, images}} dataset."""
+    from trainers.validate import load_training_data
+
+    return load_training_data(paths["train"]["annotations"], paths["train"]["images"],
+                              paths["val"]["annotations"], paths["val"]["images"], **options)[0]

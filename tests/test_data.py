@@ -7,8 +7,14 @@ import torch
 from effdet.anchors import AnchorLabeler, Anchors
 from effdet.bench import _batch_detection, _post_process
 
-from trainers.data import (FILL_COLOR, CocoDetection, Collate, DataError, EpochSampler, LabelMap,
-                           coco_to_effdet_boxes, effdet_detections_to_coco, load_coco, to_model_input)
+from trainers.annotations import LabelMap
+from trainers.data import (FILL_COLOR, CocoDetection, Collate, EpochSampler, coco_to_effdet_boxes,
+                           effdet_detections_to_coco, to_model_input)
+from trainers.validate import DataError, index_split
+
+
+def _split(annotation_file, image_dir):
+    return index_split(annotation_file, image_dir)[0]
 from trainers.evaluate import CocoEvaluator
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
@@ -22,9 +28,10 @@ def test_coco_to_effdet_known_numbers():
 
 def test_effdet_detections_to_coco_known_numbers():
     labels = LabelMap((1, 3, 7))
-    rows = np.array([[5, 10, 25, 50, 0.9, 3], [0, 0, 0, 0, 0, 0]], dtype=np.float32)  # second row is padding
-    assert effdet_detections_to_coco(rows, 42, labels) == [
-        {"image_id": 42, "category_id": 7, "bbox": [5.0, 10.0, 20.0, 40.0], "score": pytest.approx(0.9)}]
+    rows = np.array([[[5, 10, 25, 50, 0.9, 3], [0, 0, 0, 0, 0, 0]],  # the second row is padding
+                     [[1, 2, 4, 8, 0.5, 1], [0, 0, 0, 0, 0, 0]]], dtype=np.float32)
+    np.testing.assert_allclose(effdet_detections_to_coco(rows, np.array([42, 43]), labels),
+                               [[42, 5, 10, 20, 40, 0.9, 7], [43, 1, 2, 3, 6, 0.5, 1]], rtol=1e-6)
 
 
 def test_label_map_handles_gapped_ids():
@@ -52,8 +59,9 @@ def test_dataset_targets_resize_pad_and_skip_crowd(tmp_path):
         {"id": 2, "image_id": 1, "category_id": 2, "bbox": [100, 10, 40, 30], "iscrowd": 1, "area": 1200},
         {"id": 3, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0.5, 10], "iscrowd": 0, "area": 5},
     ])
-    data = CocoDetection(ann, tmp_path, 128, train=False)
-    assert data.dropped_boxes == 1
+    split = _split(ann, tmp_path)
+    data = CocoDetection(split, 128, train=False)
+    assert split.trainable.tolist() == [True, False, False]  # crowd and degenerate are not trained on
     image, target = data[0]
     assert image.shape == (3, 128, 128) and image.dtype == np.uint8
     # 200x100 -> 128x64: scale 0.64. The box is y1,x1,y2,x2 in input pixels; crowd and degenerate are gone.
@@ -79,7 +87,7 @@ def _box_image(tmp_path):
 
 
 def test_scale_jitter_moves_pixels_and_boxes_together(tmp_path):
-    data = CocoDetection(_box_image(tmp_path), tmp_path, 128, train=True, scale_jitter=(0.5, 1.5))
+    data = CocoDetection(_split(_box_image(tmp_path), tmp_path), 128, train=True, scale_jitter=(0.5, 1.5))
     scales = set()
     for epoch in range(12):
         image, target = data[(epoch, 0)]
@@ -97,9 +105,9 @@ def test_scale_jitter_moves_pixels_and_boxes_together(tmp_path):
 
 
 def test_flip_mirrors_pixels_and_boxes(shapes):
-    train = CocoDetection(shapes["train"]["annotations"], shapes["train"]["images"], 128, train=True,
-                          scale_jitter=(1.0, 1.0))
-    plain = CocoDetection(shapes["train"]["annotations"], shapes["train"]["images"], 128, train=False)
+    split = _split(shapes["train"]["annotations"], shapes["train"]["images"])
+    train = CocoDetection(split, 128, train=True, scale_jitter=(1.0, 1.0))
+    plain = CocoDetection(split, 128, train=False)
     flipped = 0
     for index in range(len(train)):
         (image, target), (straight, straight_target) = train[(1, index)], plain[index]
@@ -128,7 +136,8 @@ def test_labeler_targets_through_postprocess_score_ap_one(shapes, swap_xy, expec
     config = effdet_config(spec)
     anchors = Anchors.from_config(config)
     labeler = AnchorLabeler(anchors, spec.num_classes, match_threshold=0.5)
-    data = CocoDetection(shapes["val"]["annotations"], shapes["val"]["images"], spec.image_size, train=False)
+    split = _split(shapes["val"]["annotations"], shapes["val"]["images"])
+    data = CocoDetection(split, spec.image_size, train=False)
     images, targets = Collate()([data[i] for i in range(len(data))])
     bbox = targets["bbox"].clone()
     if swap_xy:
@@ -146,7 +155,7 @@ def test_labeler_targets_through_postprocess_score_ap_one(shapes, swap_xy, expec
                                                      config.max_detection_points)
     detections = _batch_detection(len(images), cls_pp, box_pp, anchors.boxes, indices, classes,
                                   targets["img_scale"], targets["img_size"])
-    evaluator = CocoEvaluator(data.coco, data.labels)
+    evaluator = CocoEvaluator(split.coco_ground_truth(), split.label_map)
     evaluator.process(targets["image_id"], detections.numpy())
     ap = evaluator.evaluate()["map"]
     assert expected[0] <= ap <= expected[1]
@@ -156,25 +165,22 @@ def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"images": [\n  {"id": 1,,}\n]}')
     with pytest.raises(DataError, match=r"broken.json: malformed JSON at line 2"):
-        load_coco(path)
+        index_split(path, tmp_path)
 
 
 def test_unknown_category_names_annotation(tmp_path):
     ann = _write(tmp_path, [{"id": 5, "file_name": "x.png", "width": 10, "height": 10}],
                  [{"id": 77, "image_id": 5, "category_id": 9, "bbox": [1, 1, 5, 5], "iscrowd": 0}])
     with pytest.raises(DataError, match=r"ann.json: annotation id 77 \(image id 5\): unknown category_id 9"):
-        CocoDetection(ann, tmp_path, 64, train=False)
+        _split(ann, tmp_path)
 
 
-def test_box_outside_image_names_annotation(tmp_path):
-    ann = _write(tmp_path, [{"id": 5, "file_name": "x.png", "width": 10, "height": 10}],
-                 [{"id": 78, "image_id": 5, "category_id": 2, "bbox": [4, 4, 20, 5], "iscrowd": 0}])
-    with pytest.raises(DataError, match=r"annotation id 78 \(image id 5\): box .* outside the 10x10 image"):
-        CocoDetection(ann, tmp_path, 64, train=False)
+def test_image_gone_after_the_check_names_file_and_id(tmp_path):
+    from PIL import Image
 
-
-def test_missing_image_names_file_and_id(tmp_path):
-    ann = _write(tmp_path, [{"id": 6, "file_name": "nope.png", "width": 10, "height": 10}], [])
-    data = CocoDetection(ann, tmp_path, 64, train=False)
-    with pytest.raises(DataError, match=r"nope.png: cannot read image id 6"):
+    Image.new("RGB", (10, 10)).save(tmp_path / "gone.png")
+    data = CocoDetection(_split(_write(tmp_path, [{"id": 6, "file_name": "gone.png", "width": 10, "height": 10}], []),
+                                tmp_path), 64, train=False)
+    (tmp_path / "gone.png").unlink()
+    with pytest.raises(DataError, match=r"gone.png: cannot read image id 6"):
         data[0]

@@ -110,3 +110,38 @@ def test_cli_reports_bad_annotations_before_any_run(tmp_path, shapes):
     line = lines[0]
     assert f"val.json: annotation id {bad_id}" in line and "unknown category_id 99" in line
     assert not env_store.exists()  # nothing was recorded for a search that could not start
+
+
+def test_backbone_weights_resolve_and_hold_the_searched_backbone_at_their_size(tmp_path, shapes):
+    import optuna
+    import timm
+    import torch
+
+    from search.run import _space
+
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), tmp_path / "lite0.pth")
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, model=["backbone_weights: lite0.pth"]))
+    job = load_job(path)
+    assert job.model.backbone_weights == str((tmp_path / "lite0.pth").resolve())
+    proposal = _space(job)(optuna.trial.FixedTrial({"phi": 0.5, "fpn_channels": 48, "fpn_repeats": 2}))["spec"]
+    assert (proposal["backbone_family"], proposal["backbone_width"], proposal["backbone_depth"]) == \
+        ("efficientnet_lite", 1.0, 1.0)
+
+
+def test_missing_backbone_weights_name_the_key(tmp_path, shapes):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, model=["backbone_weights: nowhere.pth"]))
+    with pytest.raises(JobError, match=r"job.model.backbone_weights: file not found: .*nowhere.pth"):
+        load_job(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("check: everything", "job.data.check: must be one of full, headers, sample, got 'everything'"),
+    ("cache_gib: -1", "job.data.cache_gib: must be >= 0"),
+])
+def test_bad_data_options_name_the_key(tmp_path, shapes, line, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes) + f"  {line}\n")
+    with pytest.raises(JobError, match=message):
+        load_job(path)

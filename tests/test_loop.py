@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from trainers.checkpoint import EMA_WEIGHTS, RAW_WEIGHTS, STATE_FILE, load_model
-from trainers.loop import DataPaths, NonFiniteLoss, OutOfMemory, fit
+from conftest import training_data
+
+from trainers.loop import NonFiniteLoss, OutOfMemory, TrialPlan, fit
 from trainers.recipe import TrainConfig, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
 from trainers.typed import ConfigError, from_mapping
@@ -16,9 +18,8 @@ SPEC = ModelSpec(num_classes=3, backbone_family="efficientnet_lite", backbone_wi
                  bn_momentum=0.1)
 
 
-def _data(shapes):
-    return DataPaths(shapes["train"]["annotations"], shapes["train"]["images"],
-                     shapes["val"]["annotations"], shapes["val"]["images"])
+def _plan(shapes, recipe: TrainConfig, spec: ModelSpec = SPEC) -> TrialPlan:
+    return TrialPlan(spec, training_data(shapes), recipe)
 
 
 class _Recorder:
@@ -41,10 +42,12 @@ class _Recorder:
 
 def test_fit_reports_and_checkpoints_every_epoch_and_saves_a_reloadable_model(shapes, tmp_path):
     reports = _Recorder(tmp_path)
-    fit(SPEC, _data(shapes), TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1), reports)
-    assert [m["epoch"] for m in reports.metrics] == [1, 2]
-    first, last = reports.metrics
-    assert "map" not in first  # eval_every=2: the first epoch is not evaluated
+    fit(_plan(shapes, TrainConfig(epochs=4, batch_size=8, eval_every=2, threads=1)), reports)
+    assert [m["epoch"] for m in reports.metrics] == [1, 2, 3, 4]
+    # eval_every=2: only epochs 2 and 4 were scored, and only their reports carry scores.
+    assert [m["epoch"] for m in reports.metrics if "map" in m] == [2, 4]
+    assert not any(key.startswith("map") for key in reports.metrics[2])
+    first, last = reports.metrics[0], reports.metrics[-1]
     assert 0.0 <= last["map"] <= 1.0 and last["full_budget"] == 1 and last["latency_ms"] > 0
     assert last["map"] == max(last["map_raw"], last["map_ema"])  # both weights scored; the better one counts
     assert last["latency_device"].startswith("cpu (") and last["peak_memory_mb"] > 100
@@ -61,13 +64,13 @@ def test_fit_reports_and_checkpoints_every_epoch_and_saves_a_reloadable_model(sh
 def test_killed_run_resumes_at_the_next_epoch_and_ends_where_an_uninterrupted_one_does(shapes, tmp_path):
     recipe = TrainConfig(epochs=3, batch_size=8, eval_every=1, threads=1, loader_workers=1)
     whole = _Recorder(tmp_path / "whole")
-    fit(SPEC, _data(shapes), recipe, whole)
+    fit(_plan(shapes, recipe), whole)
 
     broken = _Recorder(tmp_path / "broken", stop_after_epoch=1)
     with pytest.raises(KeyboardInterrupt):
-        fit(SPEC, _data(shapes), recipe, broken)
+        fit(_plan(shapes, recipe), broken)
     resumed = _Recorder(tmp_path / "resumed")
-    fit(SPEC, _data(shapes), recipe, resumed, resume_from=str(broken.checkpoints[0]))
+    fit(_plan(shapes, recipe), resumed, resume_from=str(broken.checkpoints[0]))
 
     assert [m["epoch"] for m in resumed.metrics] == [2, 3]
     assert all(m["resumed_from_epoch"] == 1 for m in resumed.metrics)
@@ -88,9 +91,32 @@ def test_killed_run_resumes_at_the_next_epoch_and_ends_where_an_uninterrupted_on
 
 def test_bf16_autocast_trains_on_cpu(shapes, tmp_path):
     reports = _Recorder(tmp_path)
-    fit(SPEC, _data(shapes), TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="bf16"), reports)
+    fit(_plan(shapes, TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="bf16")), reports)
     first, last = reports.metrics
     assert last["loss"] < first["loss"] and 0.0 <= last["map"] <= 1.0
+
+
+def test_adamw_scales_lr_by_the_square_root_of_the_batch():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", lr=0.01, batch_size=16, lr_batch=16), 4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # 0.01 per 16 images, global batch 64: x sqrt(4)
+
+
+def test_every_module_the_loop_runs_sits_on_the_model_device(shapes):
+    """Built on the meta device, anything left on the CPU (effdet builds its anchors there) shows up here.
+
+    The EMA is off: timm's ModelEmaV3 makes a torch.Generator on its module's device, which meta cannot
+    host. Its module is a deepcopy of the model after placement, and its predictor is built as the raw one.
+    """
+    from trainers.loop import build_modules
+
+    meta = torch.device("meta")
+    modules = build_modules(_plan(shapes, TrainConfig(ema=False)), meta, world_size=1)
+    placed = [modules.model, modules.train_bench, *modules.predictors.values()]
+    assert set(modules.predictors) == {"raw"}
+    for module in placed:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            assert tensor.device == meta, f"{type(module).__name__}.{name} is on {tensor.device}"
 
 
 def test_sgd_and_linear_lr_scaling():
@@ -130,7 +156,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_non_finite_loss_stops_with_epoch_and_step(shapes):
     # An absurd learning rate blows the weights up within a few steps.
     with pytest.raises(NonFiniteLoss, match=r"^loss became non-finite at epoch 1 step [2-4]$"):
-        fit(SPEC, _data(shapes), TrainConfig(epochs=1, batch_size=8, lr=1e12, warmup_epochs=0, threads=1),
+        fit(_plan(shapes, TrainConfig(epochs=1, batch_size=8, lr=1e12, warmup_epochs=0, threads=1)),
             lambda metrics, checkpoint: None)
 
 
@@ -144,7 +170,49 @@ def test_out_of_memory_names_batch_size_and_resolution(shapes):
     try:
         with pytest.raises(OutOfMemory, match=r"^out of CPU memory at epoch 1 step 1: batch size 8 per worker at "
                                               r"resolution 128x128 \(float32\) does not fit; lower train.batch_size"):
-            fit(SPEC, _data(shapes), TrainConfig(epochs=1, batch_size=8, threads=1, ema=False),
+            fit(_plan(shapes, TrainConfig(epochs=1, batch_size=8, threads=1, ema=False)),
                 lambda metrics, checkpoint: None)
     finally:
         handle.remove()
+
+
+def test_resume_reads_a_cuda_checkpoint_onto_the_cpu_first(shapes, tmp_path):
+    """Rank 0 on CUDA saves tensors tagged cuda:0; every resumed rank must not materialise them on GPU 0.
+
+    There is no GPU here, so the checkpoint's tensors are tagged cuda:0 the way torch.save tags CUDA storage:
+    loading them without map_location fails on this machine, just as it lands on GPU 0 on a GPU machine.
+    """
+    from trainers.checkpoint import load_checkpoint
+    from trainers.model import build_model
+
+    reports = _Recorder(tmp_path)
+    fit(_plan(shapes, TrainConfig(epochs=1, batch_size=8, threads=1, ema=False)), reports)
+    folder = reports.checkpoints[0]
+    state = torch.load(folder / STATE_FILE, weights_only=True)
+    entry = (1000, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda obj, location: None)
+    torch.serialization._package_registry.append(entry)
+    try:
+        torch.save(state, folder / STATE_FILE)
+    finally:
+        torch.serialization._package_registry.remove(entry)
+    loaded = load_checkpoint(folder, model=build_model(SPEC), ema_model=None)
+    assert loaded["epoch"] == 1
+    moments = [t for s in loaded["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t)]
+    assert moments and all(t.device.type == "cpu" for t in moments)
+
+
+def test_a_plan_with_backbone_weights_trains_from_them(shapes, tmp_path):
+    import timm
+
+    from trainers.loop import build_modules
+
+    spec = SPEC.replace(backbone_width=1.0, backbone_depth=1.0)  # efficientnet_lite0's size
+    source = timm.create_model("efficientnet_lite0", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "lite0.pth")
+    plan = TrialPlan(spec, training_data(shapes), TrainConfig(ema=True), backbone_weights=str(tmp_path / "lite0.pth"))
+    modules = build_modules(plan, torch.device("cpu"), world_size=1)
+    expected = source.state_dict()
+    for name, tensor in modules.model.backbone.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    for name, tensor in modules.ema.module.backbone.state_dict().items():  # the EMA starts from them too
+        assert torch.equal(tensor, expected[name]), name

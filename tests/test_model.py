@@ -41,7 +41,8 @@ def test_config_carries_the_spec():
     config = effdet_config(SMALL)
     assert (config.fpn_channels, config.fpn_cell_repeats, config.box_class_repeats) == (32, 1, 2)
     assert config.act_type == "relu6" and config.fpn_name == "bifpn_fa"
-    assert config.backbone_args == {"family": "efficientnet_lite", "width": 0.5, "depth": 0.5}
+    assert config.backbone_args == {"family": "efficientnet_lite", "width": 0.5, "depth": 0.5,
+                                    "drop_path_rate": 0.2, "bn_momentum": 0.01}
 
 
 def test_width_and_depth_change_the_backbone():
@@ -91,3 +92,16 @@ def test_describe_reads_a_spec_file(tmp_path, capsys):
     path.write_text("num_classes: 4\nimage_size: 100\n")
     assert main(["describe", str(path)]) == 2
     assert "image_size: must be a positive multiple" in capsys.readouterr().err
+
+
+def test_backbone_keeps_effdet_stochastic_depth_and_takes_the_spec_bn_momentum():
+    from timm.layers import DropPath
+
+    spec = SMALL.replace(bn_momentum=0.1, drop_path_rate=0.3)
+    model = build_model(spec)
+    # timm spreads drop_path_rate linearly over the blocks, reaching it at the last one.
+    rates = [m.drop_prob for m in model.backbone.modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.3, rel=0.2) and min(rates) > 0
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sum(1 for n, m in model.named_modules() if n.startswith("backbone") and m in norms) > 10
+    assert {m.momentum for m in norms} == {0.1}  # backbone, BiFPN and heads alike

@@ -3,15 +3,15 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
-from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import ray.train
+from conftest import training_data
 from ray.train.torch import TorchTrainer
 
-from trainers.loop import DataPaths, fit, train_worker
+from trainers.loop import TrialPlan, fit, train_worker
 from trainers.recipe import TrainConfig
 from trainers.spec import ModelSpec
 
@@ -22,13 +22,21 @@ RECIPE = TrainConfig(epochs=5, batch_size=8, eval_every=1, threads=1, loader_wor
 
 
 def _train_worker_pids() -> list[int]:
-    # Ray titles its actor processes "ray::RayTrainWorker..."; forked loader workers inherit the title.
+    """The Train worker processes of the Ray runtime this test started: descendants of this process.
+
+    ray.init started the raylet as this process's child, and the raylet started the workers, so only those
+    are candidates: another user's Ray on a shared machine is never touched.
+    """
+    try:
+        descendants = psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.Error:  # one of them ended during the walk: look again on the next poll
+        return []
     pids = []
-    for entry in Path("/proc").iterdir():
+    for process in descendants:
         try:
-            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:  # the process ended while we looked
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                pids.append(process.pid)
+        except psutil.Error:  # it ended while we looked
             pass
     return pids
 
@@ -50,15 +58,14 @@ def _kill_after_checkpoints(run_folder, count: int, done: threading.Event) -> li
 
 
 def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(shapes, tmp_path):
-    data = DataPaths(shapes["train"]["annotations"], shapes["train"]["images"],
-                     shapes["val"]["annotations"], shapes["val"]["images"])
-    uninterrupted = fit(SPEC, data, RECIPE, lambda metrics, checkpoint: None)
+    plan = TrialPlan(SPEC, training_data(shapes), RECIPE)
+    uninterrupted = fit(plan, lambda metrics, checkpoint: None)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"spec": SPEC.to_dict(), "data": asdict(data), "train": RECIPE.to_dict()},
+            train_loop_config={"plan": plan},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(
                 name="resume", storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=1),

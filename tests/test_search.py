@@ -3,6 +3,7 @@ import re
 
 import pytest
 from conftest import searched_store
+from ray import tune
 
 from search.frontier import compute_frontier, finished_trials
 from search.job import parse_job
@@ -110,6 +111,7 @@ def test_promote_refuses_an_impossible_budget(searched):
 
 
 def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes):
+    """...and a search in which no trial finished says so: the CLI exits 1 with one line (see below)."""
     raw = {
         "name": "diverging",
         "data": {"train": shapes["train"], "val": shapes["val"]},
@@ -126,3 +128,143 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         for run in children:
             assert run.info.status == "FAILED"
             assert re.search(r"loss became non-finite at epoch 1 step \d+", run.data.tags["effsearch.error"])
+
+
+def _raw(shapes, name, **sections):
+    return {"name": name, "data": {"train": shapes["train"], "val": shapes["val"]}, **sections}
+
+
+def test_a_search_with_every_train_setting_at_its_default(tmp_path, shapes):
+    """A new user keeps the README's train defaults (eval_every 2, EMA, jitter, amp auto...): this must work."""
+    from trainers.recipe import TrainConfig
+
+    raw = _raw(shapes, "defaults", search={"trials": 1})
+    assert parse_job(raw).train == TrainConfig()
+    with searched_store(tmp_path, raw) as (outcome, client):
+        (run,) = _children(client, outcome)
+        assert outcome.finished == 1 and run.info.status == "FINISHED"
+        assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+        # Scored every 2nd epoch, and the series holds only the scored epochs.
+        epochs = TrainConfig().epochs
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "map")] == list(range(2, epochs + 1, 2))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, epochs + 1))
+        assert run.data.tags[FULL_BUDGET_TAG] == "true"
+
+
+class _CrashOnFirstResult(tune.Callback):
+    """A fault in the driver's own loop (not in a trial): Tune's controller raises out of fit()."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        raise RuntimeError("the driver's loop broke")
+
+
+def test_a_crash_of_the_driver_loop_leaves_no_run_running(tmp_path, shapes):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from search.run import run_search
+
+    raw = _raw(shapes, "crash", search={"trials": 2, "max_concurrent_trials": 2},
+               train={"epochs": 3, "batch_size": 8}, resources={"cpus_per_worker": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        with pytest.raises(Exception, match="driver's loop broke|Tune"):
+            run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                       callbacks=[_CrashOnFirstResult()])
+    finally:
+        ray.shutdown()
+        patch.undo()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("crash")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert len(runs) >= 2 and all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"batch_size": 64}}, r"32 images are fewer than one global batch \(train.batch_size 64 x "
+                                    r"resources.workers_per_trial 1 = 64\)"),
+    ({"data": "empty"}, r"annotations.json: the split has no images"),
+])
+def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path, shapes, change, message):
+    import json
+
+    import ray
+
+    from search.run import run_search
+    from trainers.validate import DataError
+
+    raw = _raw(shapes, "refused", **{k: v for k, v in change.items() if k != "data"})
+    if change.get("data") == "empty":
+        empty = tmp_path / "annotations.json"
+        empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+        raw["data"]["val"] = {"annotations": str(empty), "images": shapes["val"]["images"]}
+    with pytest.raises(DataError, match=message):
+        run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)
+    assert not ray.is_initialized()
+
+
+def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, shapes):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_raw(shapes, "interrupted", search={"trials": 2, "max_concurrent_trials": 2},
+                                       train={"epochs": 20, "batch_size": 8, "eval_every": 1},
+                                       resources={"cpus_per_worker": 1})))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).parents[1])}
+    # Its own session, so that the clean-up below can reach every process this search started, by its group id.
+    search = subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(job)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        client, deadline, trained = MlflowClient(uri), time.monotonic() + 240, False
+        while not trained and time.monotonic() < deadline and search.poll() is None:
+            time.sleep(2)
+            experiment = client.get_experiment_by_name("interrupted") if (tmp_path / "mlflow.db").exists() else None
+            if experiment is not None:
+                runs = client.search_runs([experiment.experiment_id], filter_string="metrics.loss > 0")
+                trained = bool(runs)
+        assert trained, "no trial reported an epoch within 240 s"
+        search.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = search.communicate(timeout=120)
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+            search.wait()
+    assert search.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("effsearch: interrupted")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+    assert children and all(r.info.status in ("KILLED", "FAILED") for r in children)
+
+
+def test_a_search_in_which_no_trial_finished_exits_1_with_one_line(tmp_path, shapes, monkeypatch, capsys):
+    import ray
+    import yaml
+
+    from search.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_raw(shapes, "nothing-fits", search={"trials": 2, "max_gflops": 0.001})))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        assert main(["search", str(job)]) == 1
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("effsearch: error: no trial of 2 finished training (first failure: ")
+    assert "exceeds the budget of 0.001 GFLOPs" in err

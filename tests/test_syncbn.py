@@ -104,3 +104,33 @@ def test_single_process_falls_back_to_plain_batchnorm():
     synced = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), "cpu")[0]
     x = torch.randn(3, 4, 2, 2)
     torch.testing.assert_close(synced(x), plain(x))
+
+
+def _bf16_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        bn = CpuSyncBatchNorm(6).train()
+        x = _offset_data()[rank * 4:rank * 4 + 4].to(torch.bfloat16)  # what autocast hands a BN under amp: bf16
+        out[rank] = {"y": bn(x).float().detach(), "running_var": bn.running_var.clone()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _offset_data():
+    # A large mean against a small spread: E[x^2] - E[x]^2 then needs more than bf16's 8 mantissa bits.
+    return torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(2)) * 0.5 + 50
+
+
+def test_bf16_inputs_keep_float32_statistics():
+    x = _offset_data()
+    expected = nn.BatchNorm2d(6).train()
+    want = expected(x.to(torch.bfloat16).float()).detach()  # the same bf16-rounded values, statistics in float32
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_bf16_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = out[rank]
+        # bf16 output rounding (~0.4% of a value of order 1) is all that may differ.
+        torch.testing.assert_close(got["y"], want[rank * 4:rank * 4 + 4], atol=0.03, rtol=0.01)
+        torch.testing.assert_close(got["running_var"], expected.running_var, atol=1e-3, rtol=1e-3)

@@ -1,11 +1,15 @@
-"""Data validation before training: every problem names its file and record; degenerate boxes are counted."""
+"""Data validation before training: every problem names its file and record; clipped and degenerate boxes are counted."""
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from trainers.data import DataError
-from trainers.validate import validate_split
+from trainers.validate import DataError, index_split, load_training_data
+
+
+def validate_split(annotation_file, image_dir, check="full"):
+    return index_split(annotation_file, image_dir, check=check)[1]
 
 
 def _dataset(tmp_path, images=None, annotations=None, categories=None, files=("a.png",)):
@@ -31,13 +35,13 @@ def test_clean_dataset_reports_counts(tmp_path):
                {"id": 2, "file_name": "b.png", "width": 40, "height": 30}], files=("a.png", "b.png"))
     report = validate_split(path, tmp_path)
     assert (report.images, report.annotations, report.crowd) == (2, 2, 1)
-    assert report.images_without_annotations == 1 and report.degenerate_ids == [12]
+    assert report.images_without_annotations == 1 and report.degenerate_ids == (12,)
     assert "dropped 1 degenerate boxes (annotation ids 12)" in report.summary()
 
 
 def test_shapes_dataset_is_clean(shapes):
     report = validate_split(shapes["val"]["annotations"], shapes["val"]["images"])
-    assert report.images == 12 and report.degenerate_ids == []
+    assert report.images == 12 and report.degenerate_ids == () and report.clipped == 0
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -46,8 +50,7 @@ def test_shapes_dataset_is_clean(shapes):
      r"ann.json: annotation id 10: image id 7 does not exist"),
     ({"annotations": [{"id": 10, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}]},
      r"ann.json: annotation id 10 \(image id 1\): unknown category_id 9"),
-    ({"annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [30, 1, 20, 5]}]},
-     r"ann.json: annotation id 10 \(image id 1\): box \[30, 1, 20, 5\] lies outside the 40x30 image a.png"),
+    ({"images": []}, r"ann.json: the split has no images"),
     ({"annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [1, 1, 5]}]},
      r"annotation id 10 \(image id 1\): bbox must be 4 numbers"),
     ({"annotations": [{"id": 10, "image_id": 1, "bbox": [1, 1, 5, 5]}]},
@@ -106,3 +109,74 @@ def test_duplicate_annotation_ids_are_rejected(tmp_path):
     path = _dataset(tmp_path, annotations=[{"id": 7, **box}, {"id": 7, **box}])
     with pytest.raises(DataError, match=r"ann.json: annotation id 7 appears twice"):
         validate_split(path, tmp_path)
+
+
+def test_boxes_out_of_bounds_are_clipped_and_counted(tmp_path):
+    path = _dataset(tmp_path, annotations=[
+        {"id": 10, "image_id": 1, "category_id": 2, "bbox": [30, -0.4, 20, 5], "iscrowd": 0},  # sticks out right, top
+        {"id": 11, "image_id": 1, "category_id": 2, "bbox": [45, 5, 10, 10], "iscrowd": 0},  # wholly outside
+        {"id": 12, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "iscrowd": 0},  # inside
+    ])
+    index, report = index_split(path, tmp_path)
+    assert report.clipped == 2 and report.degenerate_ids == (11,) and report.annotations == 2
+    assert "clipped 2 boxes to their image" in report.summary()
+    np.testing.assert_allclose(index.boxes[0], [30, 0, 10, 4.6], rtol=1e-6)  # x2 = 40 (width), y1 = 0
+    assert index.trainable.tolist() == [True, False, True]
+    ground_truth = index.coco_ground_truth()
+    assert sorted(ground_truth.anns) == [10, 12]  # no area left inside the image: not ground truth either
+
+
+def _exif_photo(tmp_path, orientation: int, size=(40, 30)):
+    image = Image.new("RGB", size, (90, 90, 90))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "a.jpg", exif=exif)
+
+
+@pytest.mark.parametrize("annotated, transposed", [((30, 40), True), ((40, 30), False)])
+def test_exif_rotated_photos_follow_their_annotations(tmp_path, annotated, transposed):
+    from trainers.data import CocoDetection
+
+    _exif_photo(tmp_path, orientation=6)  # stored 40x30, shown 30x40
+    path = _dataset(tmp_path, files=(), images=[{"id": 1, "file_name": "a.jpg", "width": annotated[0],
+                                                 "height": annotated[1]}])
+    index, _ = index_split(path, tmp_path)
+    image, target = CocoDetection(index, 64, train=False)[0]
+    assert target["img_size"] == annotated  # the pixels the model sees are the ones the boxes were drawn on
+
+
+def test_exif_size_mismatch_names_both_sizes(tmp_path):
+    _exif_photo(tmp_path, orientation=6)
+    path = _dataset(tmp_path, files=(), images=[{"id": 1, "file_name": "a.jpg", "width": 50, "height": 50}])
+    with pytest.raises(DataError, match=r"a.jpg: image id 1 is 40x30 \(30x40 after its EXIF orientation 6\) "
+                                        r"but the annotations say 50x50"):
+        index_split(path, tmp_path, check="headers")
+
+
+def test_check_modes(tmp_path):
+    path = _dataset(tmp_path)
+    blob = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(blob[: len(blob) // 2])
+    index, report = index_split(path, tmp_path, check="headers")  # a header read does not see truncation
+    assert not index.images_checked and "read the headers of 1 of 1 images" in report.summary()
+    with pytest.raises(DataError, match="is unreadable"):
+        index_split(path, tmp_path, check="sample")  # a sample of one image is the whole split
+    with pytest.raises(DataError, match=r"^data.check: must be one of full, headers, sample, got 'some'$"):
+        index_split(path, tmp_path, check="some")
+
+
+def test_image_check_reports_progress(tmp_path, monkeypatch):
+    import trainers.validate
+
+    monkeypatch.setattr(trainers.validate, "PROGRESS_EVERY_S", 0.0)
+    path = _dataset(tmp_path)
+    said = []
+    index_split(path, tmp_path, say=said.append)
+    assert said == ["checking images of ann.json: 1/1"]
+
+
+def test_train_split_without_a_trainable_box_is_rejected(tmp_path):
+    path = _dataset(tmp_path, annotations=[
+        {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "iscrowd": 1}])
+    with pytest.raises(DataError, match=r"ann.json: no box to train on"):
+        load_training_data(path, tmp_path, path, tmp_path)

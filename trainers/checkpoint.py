@@ -38,7 +38,9 @@ def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, ema_model) ->
         # A run that starts keeping an EMA from a checkpoint without one starts it from the raw weights.
         source = folder / EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else folder / RAW_WEIGHTS
         ema_model.load_state_dict(load_file(str(source)))
-    state = torch.load(folder / STATE_FILE, weights_only=True)
+    # On the CPU first: rank 0 saved CUDA tensors tagged cuda:0, and without map_location every resumed
+    # rank would materialise them on GPU 0. optimizer.load_state_dict then moves them to each rank's own device.
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     torch.set_rng_state(state.pop("rng"))
     return state
 

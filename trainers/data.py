@@ -1,4 +1,4 @@
-"""COCO-format detection data on pycocotools, and the one boundary between COCO boxes and effdet's convention.
+"""COCO-format detection data from a validated split index, and the one boundary between COCO boxes and effdet's convention.
 
 effdet takes boxes as y1,x1,y2,x2 in model-input pixels with 1-based classes, padded with -1, and returns
 detections as x1,y1,x2,y2,score,class. COCO stores x,y,w,h with arbitrary category ids. The conversions
@@ -7,40 +7,22 @@ below are the only place either convention is translated.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from effdet.data.loader import DetectionFastCollate
 from effdet.data.transforms import RandomFlip, RandomResizePad, ResizePad
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainers.anchors import BatchAnchorLabeler
-from trainers.validate import DataError, DataReport, load_coco, validate_coco
+from trainers.annotations import LabelMap, SplitIndex
+from trainers.validate import DataError, exif_transpose_needed
 
 MAX_BOXES = 100  # per image; effdet pads targets to a fixed count
 IMAGENET_MEAN = tuple(255 * x for x in (0.485, 0.456, 0.406))
 IMAGENET_STD = tuple(255 * x for x in (0.229, 0.224, 0.225))
 FILL_COLOR = tuple(round(x) for x in IMAGENET_MEAN)  # padding becomes ~0 after normalisation
-DEFAULT_CACHE_BYTES = 2 * 2**30  # decoded images kept per dataset (and per loader worker)
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """COCO category ids (possibly gapped) <-> effdet's contiguous 1-based class labels."""
-
-    category_ids: tuple[int, ...]
-
-    def to_label(self, category_id: int) -> int:
-        return self.category_ids.index(category_id) + 1
-
-    def to_category(self, label: int) -> int:
-        return self.category_ids[label - 1]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
 
 
 def coco_to_effdet_boxes(xywh: np.ndarray, scale: float) -> np.ndarray:
@@ -49,93 +31,69 @@ def coco_to_effdet_boxes(xywh: np.ndarray, scale: float) -> np.ndarray:
     return np.stack([y, x, y + h, x + w], axis=1).astype(np.float32) * scale
 
 
-def effdet_detections_to_coco(detections: np.ndarray, image_id: int, labels: LabelMap) -> list[dict]:
-    """effdet rows x1,y1,x2,y2,score,class (already in original pixels) -> COCO result dicts."""
-    results = []
-    for x1, y1, x2, y2, score, cls in detections:
-        if score <= 0:  # effdet pads with all-zero rows
-            continue
-        results.append({
-            "image_id": int(image_id), "category_id": labels.to_category(int(cls)),
-            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score),
-        })
-    return results
+def effdet_detections_to_coco(detections: np.ndarray, image_ids: np.ndarray, labels: LabelMap) -> np.ndarray:
+    """effdet rows [B, N, 6] x1,y1,x2,y2,score,class (original pixels) -> COCO result rows [K, 7]:
+    image_id, x, y, w, h, score, category_id (the array form pycocotools' loadRes takes)."""
+    detections = np.asarray(detections, dtype=np.float64)
+    image_ids = np.broadcast_to(np.asarray(image_ids, dtype=np.float64)[:, None], detections.shape[:2])
+    keep = detections[..., 4] > 0  # effdet pads with all-zero rows
+    rows, ids = detections[keep], image_ids[keep]
+    x1, y1, x2, y2, score, cls = rows.T
+    categories = labels.to_categories(cls.astype(np.int64)) if len(rows) else np.zeros(0)
+    return np.stack([ids, x1, y1, x2 - x1, y2 - y1, score, categories], axis=1).reshape(-1, 7)
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """COCO images through effdet's resize-pad transforms, as uint8 pixels with effdet-convention targets.
+    """A validated split through effdet's resize-pad transforms, as uint8 pixels with effdet-convention targets.
 
     Training items are keyed (epoch, index) by EpochSampler, so the scale jitter and flip of an item depend
     only on (seed, epoch, index): a resumed run, or a loader worker that outlives an epoch, sees the same
-    augmentation as an uninterrupted run.
+    augmentation as an uninterrupted run. With `cache` on, every decoded image is kept: the caller turns it
+    on only when the images this process will read fit its share of the node's budget (trainers/loop.py).
     """
 
-    def __init__(self, annotation_file, image_dir, image_size: int, *, train: bool, seed: int = 0,
-                 scale_jitter: tuple[float, float] = (1.0, 1.0), check_images: bool = False,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
-        self.annotation_file = Path(annotation_file)
-        self.image_dir = Path(image_dir)
+    def __init__(self, index: SplitIndex, image_size: int, *, train: bool, seed: int = 0,
+                 scale_jitter: tuple[float, float] = (1.0, 1.0), cache: bool = False):
+        self.index = index
         self.image_size = image_size
         self.train = train
         self.seed = seed
-        self.coco = load_coco(self.annotation_file)
-        # Fatal problems raise here, before any training; degenerate boxes are listed in the report.
-        self.report: DataReport = validate_coco(self.coco, self.annotation_file, self.image_dir,
-                                                check_images=check_images)
-        self.labels = LabelMap(tuple(sorted(c["id"] for c in self.coco.dataset["categories"])))
-        self.image_ids = sorted(self.coco.imgs)
-        dropped = set(self.report.degenerate_ids)
-        self._targets = {i: self._boxes_for(i, dropped) for i in self.image_ids}
+        self.labels = index.label_map
         if train:
             self._transforms = [RandomResizePad(image_size, scale=scale_jitter, interpolation="bilinear",
                                                 fill_color=FILL_COLOR), RandomFlip(horizontal=True, prob=0.5)]
         else:
             self._transforms = [ResizePad(image_size, interpolation="bilinear", fill_color=FILL_COLOR)]
-        self._cache: dict[int, np.ndarray] = {}
-        self._cache_left = cache_bytes
-
-    @property
-    def dropped_boxes(self) -> int:
-        return len(self.report.degenerate_ids)
-
-    def _boxes_for(self, image_id: int, dropped: set) -> tuple[np.ndarray, np.ndarray]:
-        boxes, labels = [], []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            x, y, w, h = ann["bbox"]
-            # Crowd regions are not trained on (COCOeval treats them as ignore regions); degenerate boxes
-            # were counted by validation and are dropped.
-            if ann.get("iscrowd", 0) or ann["id"] in dropped:
-                continue
-            boxes.append([x, y, w, h])
-            labels.append(self.labels.to_label(ann["category_id"]))
-        xywh = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-        return coco_to_effdet_boxes(xywh, 1.0), np.array(labels, dtype=np.int64)
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self.index)
 
-    def _image(self, image_id: int) -> Image.Image:
-        pixels = self._cache.get(image_id)
+    @property
+    def caching(self) -> bool:
+        return self._cache is not None
+
+    def _image(self, i: int) -> Image.Image:
+        pixels = self._cache.get(i) if self._cache is not None else None
         if pixels is None:
-            path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+            path = Path(self.index.image_dir) / self.index.file_names[i]
             try:
                 with Image.open(path) as img:
-                    pixels = np.asarray(img.convert("RGB"))
+                    transpose = exif_transpose_needed(img, self.index, i)
+                    img = img.convert("RGB")
+                    pixels = np.asarray(ImageOps.exif_transpose(img) if transpose else img)
             except (FileNotFoundError, OSError) as err:
-                raise DataError(f"{path}: cannot read image id {image_id}: {err}") from None
-            # Decoding dominates small CPU epochs, so decoded images are kept while they fit the budget.
-            if pixels.nbytes <= self._cache_left:
-                self._cache[image_id] = pixels
-                self._cache_left -= pixels.nbytes
+                raise DataError(f"{path}: cannot read image id {int(self.index.image_ids[i])}: {err}") from None
+            if self._cache is not None:
+                self._cache[i] = pixels
         return Image.fromarray(pixels)
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        image_id = self.image_ids[index]
-        img = self._image(image_id)
-        boxes, labels = self._targets[image_id]
-        anno = {"bbox": boxes.copy(), "cls": labels.copy(), "img_size": (img.width, img.height),
-                "image_id": image_id}
+        img = self._image(index)
+        xywh, labels = self.index.training_targets(index)
+        anno = {"bbox": coco_to_effdet_boxes(xywh, 1.0), "cls": labels.copy(), "img_size": (img.width, img.height),
+                "image_id": int(self.index.image_ids[index])}
         # effdet's transforms draw from the global `random`; seed it per item and put it back afterwards.
         state = random.getstate()
         random.seed(hash((self.seed, epoch, index)) if self.train else 0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,30 +11,33 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
+from trainers.annotations import SplitIndex, TrainingData
 from trainers.checkpoint import load_checkpoint, save_checkpoint
 from trainers.cost import latency_ms, model_cost
 from trainers.data import CocoDetection, Collate, EpochSampler, to_model_input
-from trainers.evaluate import CocoEvaluator
+from trainers.evaluate import CocoEvaluator, evaluate_all
 from trainers.model import anchor_labeler, build_model, predict_bench, train_bench
-from trainers.recipe import TrainConfig, autocast_dtype, build_optimizer, build_schedule, loader_workers
+from trainers.recipe import Placement, TrainConfig, autocast_dtype, build_optimizer, build_schedule, placement
 from trainers.spec import ModelSpec
 from trainers.syncbn import convert_sync_batchnorm
-from trainers.typed import from_mapping
-from trainers.validate import check_same_categories
 
 # report(metrics, checkpoint_dir or None)
 Report = Callable[[dict, Optional[str]], None]
+# Reading the loss on the host waits for the device; the non-finite check reads a device-side flag this
+# often instead (and at the end of every epoch), and still names the exact step.
+NONFINITE_CHECK_EVERY = 16
 
 
 @dataclass(frozen=True)
-class DataPaths:
-    train_annotations: str
-    train_images: str
-    val_annotations: str
-    val_images: str
-    # Set by a caller that has already opened every image (the search does, once, before any trial), so
-    # that each trial and each worker does not open them all again.
-    images_checked: bool = False
+class TrialPlan:
+    """Everything one trial trains from, as one typed object that pickles: built once by the search driver
+    (or by hand), and handed unchanged to every worker."""
+
+    spec: ModelSpec
+    data: TrainingData
+    recipe: TrainConfig
+    backbone_weights: str | None = None  # a local ImageNet checkpoint for the backbone (trainers/pretrained.py)
+    cpus_per_worker: int | None = None  # what Ray reserved for each worker; None outside a search
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,46 +48,63 @@ class OutOfMemory(RuntimeError):
     pass
 
 
-def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *, rank: int = 0,
-        world_size: int = 1, device: torch.device | str = "cpu", prepare_model=lambda m: m,
-        resume_from: str | None = None) -> dict:
-    """Train `spec` on `data`, evaluate with COCOeval, call `report` once per epoch; returns the last metrics.
+@dataclass
+class TrainingModules:
+    """Every module the loop runs, each on the training device."""
+
+    model: torch.nn.Module
+    ema: ModelEmaV3 | None
+    train_bench: torch.nn.Module
+    predictors: dict[str, torch.nn.Module]  # "raw" and, with an EMA, "ema": effdet's decode + NMS benches
+
+
+def build_modules(plan: TrialPlan, device: torch.device, world_size: int) -> TrainingModules:
+    """The model, its EMA, and effdet's training and prediction benches, all placed on `device`."""
+    recipe, cuda = plan.recipe, device.type == "cuda"
+    model = build_model(plan.spec)
+    if plan.backbone_weights:
+        from trainers.pretrained import load_backbone_weights
+
+        load_backbone_weights(model, plan.spec, plan.backbone_weights)
+    model = model.to(device)
+    if world_size > 1 and recipe.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    if recipe.channels_last and cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema else None
+    predictors = {"raw": predict_bench(model), **({"ema": predict_bench(ema.module)} if ema else {})}
+    return TrainingModules(model, ema, train_bench(model, labels_in_batch=True), predictors)
+
+
+def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, local_world_size: int = 1,
+        device: torch.device | str = "cpu", prepare_model=lambda m: m, resume_from: str | None = None) -> dict:
+    """Train plan.spec on plan.data, evaluate with COCOeval, call `report` once per epoch; returns the last metrics.
 
     Every epoch rank 0 reports a checkpoint directory; `resume_from` continues from one, at the next epoch,
     with the optimizer, schedule, loss scaler, EMA and random state it held. With world_size > 1 the caller
     has set up torch.distributed (Ray Train does): each rank trains on its own shard, BatchNorm is
     synchronised unless recipe.sync_bn is off, and rank 0 scores the detections gathered from every rank.
-    `prepare_model` wraps the training bench for data parallelism (DDP).
+    `prepare_model` wraps the training bench for data parallelism (DDP). local_world_size is the number of
+    workers on this node, which share its decoded-image cache budget.
     """
+    spec, recipe = plan.spec, plan.recipe
     torch.manual_seed(recipe.seed)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
     device = torch.device(device)
+    place = placement(recipe, device, plan.cpus_per_worker)
+    if place.threads:
+        torch.set_num_threads(place.threads)
     cost = model_cost(spec)
-    # Both splits are validated, images included unless already checked, before the first step.
-    check_images = not data.images_checked
-    train_set = CocoDetection(data.train_annotations, data.train_images, spec.image_size, train=True,
-                              seed=recipe.seed, scale_jitter=recipe.scale_jitter, check_images=check_images)
-    val_set = CocoDetection(data.val_annotations, data.val_images, spec.image_size, train=False,
-                            check_images=check_images)
-    check_same_categories(train_set.report, val_set.report)
-
-    model = build_model(spec).to(device)
-    if world_size > 1 and recipe.sync_bn:
-        model = convert_sync_batchnorm(model, device)
-    channels_last = recipe.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema else None
+    modules = build_modules(plan, device, world_size)
+    model, ema = modules.model, modules.ema
     state = load_checkpoint(resume_from, model=model, ema_model=ema and ema.module) if resume_from else None
-    sampler, train_loader, val_loader = _loaders(train_set, val_set, model, recipe, rank, world_size, device)
-    bench = prepare_model(train_bench(model, labels_in_batch=True))
+    train_set, val_set, sampler, train_loader, val_loader = data_loaders(plan, model, place, rank, world_size,
+                                                                         local_world_size)
+    bench = prepare_model(modules.train_bench)
     optimizer = build_optimizer(model, recipe, world_size)
     schedule = build_schedule(optimizer, recipe, len(train_loader))
     amp_dtype = autocast_dtype(recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    evaluator = CocoEvaluator(val_set.coco, val_set.labels)
-    predictors = {"raw": predict_bench(model), **({"ema": predict_bench(ema.module)} if ema else {})}
+    evaluator = CocoEvaluator(plan.data.val.coco_ground_truth(), plan.data.val.label_map) if rank == 0 else None
 
     first_epoch, accuracy, deploy, resumed = 1, {}, "raw", {}
     if state is not None:
@@ -95,21 +114,27 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
         first_epoch, accuracy, deploy = state["epoch"] + 1, state["accuracy"], state["deploy"]
         resumed = {"resumed_from_epoch": state["epoch"]}
     step_context = _StepContext(spec, recipe, device, amp_dtype)
+    dropped = len(plan.data.train.trainable) - int(plan.data.train.trainable.sum())
     metrics: dict = {}
     for epoch in range(first_epoch, recipe.epochs + 1):
         sampler.set_epoch(epoch)
         shard_overlap = _shard_overlap(list(sampler.sampler), world_size)
         bench.train()
-        start, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
+        start, seen, step = time.perf_counter(), 0, 0
+        loss_sum = torch.zeros((), device=device)
+        first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far was finite
         for step, (images, targets) in enumerate(train_loader, 1):
             with step_context(epoch, step):
-                images = to_model_input(images, device, channels_last)
+                images = to_model_input(images, device, place.channels_last)
                 targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
                 with _autocast(device, amp_dtype):
                     loss = bench(images, targets)["loss"]
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {step}")
+                loss_value = loss.detach().float()
+                first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss_value),
+                                             step, first_bad_step)
+                loss_sum += loss_value
+                if step % NONFINITE_CHECK_EVERY == 0:
+                    _raise_if_nonfinite(first_bad_step, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if recipe.clip_grad_norm:
@@ -121,19 +146,24 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
                 if ema is not None:
                     ema.update(model, step=schedule.last_epoch)
             seen += images.shape[0]
-            loss_sum += loss_value
+        _raise_if_nonfinite(first_bad_step, epoch)
         epoch_s = time.perf_counter() - start
         last = epoch == recipe.epochs
-        if last or epoch % recipe.eval_every == 0:
+        evaluated = last or epoch % recipe.eval_every == 0
+        if evaluated:
             with step_context(epoch, "evaluation"):
-                accuracy, deploy = _evaluate_all(predictors, val_loader, evaluator, device, rank, world_size,
-                                                 channels_last)
+                accuracy, deploy = evaluate_all(modules.predictors, val_loader, evaluator, device=device,
+                                                rank=rank, world_size=world_size,
+                                                channels_last=place.channels_last, amp_dtype=amp_dtype)
         metrics = {
-            "epoch": epoch, "loss": loss_sum / max(1, step), "epoch_s": epoch_s,
+            "epoch": epoch, "loss": float(loss_sum) / max(1, step), "epoch_s": epoch_s,
             "images_per_s": seen * world_size / epoch_s, "gflops": cost.gflops, "params_m": cost.params_m,
-            "lr": schedule.get_last_lr()[0], "dropped_boxes": train_set.dropped_boxes + val_set.dropped_boxes,
+            "lr": schedule.get_last_lr()[0], "dropped_boxes": dropped,
             "world_size": world_size, "train_images": seen * world_size, "shard_overlap": shard_overlap,
-            "peak_memory_mb": _peak_memory_mb(device), **accuracy, **resumed,
+            "peak_memory_mb": _peak_memory_mb(device), "image_cache": int(train_set.caching),
+            # Accuracy keys appear only in an evaluated epoch's report; between evaluations the last
+            # scores are kept (for the checkpoint) but not reported again as if measured now.
+            **(accuracy if evaluated else {}), **resumed,
         }
         if last and rank == 0:
             deployed = ema.module if deploy == "ema" and ema is not None else model
@@ -151,19 +181,47 @@ def fit(spec: ModelSpec, data: DataPaths, recipe: TrainConfig, report: Report, *
     return metrics
 
 
-def _loaders(train_set, val_set, model, recipe: TrainConfig, rank: int, world_size: int, device: torch.device):
+def _raise_if_nonfinite(first_bad_step: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad_step)  # the one host-device sync of the check
+    if bad:
+        raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {bad}")
+
+
+def cache_plan(train: SplitIndex, val: SplitIndex, val_indices, node_bytes: int, processes_on_node: int) -> tuple[bool, bool]:
+    """Which splits' decoded images this process keeps: each process's share of the node's budget must hold
+    every image it will read, or that split is not cached at all (a partial cache holds memory for a hit rate
+    no better than its fraction). Validation is cached first: it is read on every evaluation, twice (raw, EMA)."""
+    share = node_bytes // max(1, processes_on_node)
+    val_bytes = val.decoded_bytes(val_indices)
+    cache_val = val_bytes <= share
+    cache_train = train.decoded_bytes() <= share - (val_bytes if cache_val else 0)
+    return cache_train, cache_val
+
+
+def data_loaders(plan: TrialPlan, model, place: Placement, rank: int, world_size: int, local_world_size: int):
+    """The datasets, the training sampler and the two loaders of one worker, as fit uses them."""
     # Loader workers decode, augment and label anchors (in the collate) while the model trains.
-    count = loader_workers(recipe, device)
-    workers = {"num_workers": count, "persistent_workers": count > 0, "pin_memory": device.type == "cuda"}
+    recipe, data = plan.recipe, plan.data
+    val_indices = range(rank, len(data.val), world_size)  # each rank predicts every world_size-th image
+    # Each loader worker process holds its own copy of a dataset, and so of its cache.
+    processes = local_world_size * max(1, place.loader_workers)
+    cache_train, cache_val = cache_plan(data.train, data.val, val_indices, data.cache_bytes_per_node, processes)
+    train_set = CocoDetection(data.train, plan.spec.image_size, train=True, seed=recipe.seed,
+                              scale_jitter=recipe.scale_jitter, cache=cache_train)
+    val_set = CocoDetection(data.val, plan.spec.image_size, train=False, cache=cache_val)
+    # Loaders draw their workers' base seed from a generator of their own: drawn from the global one, it
+    # would shift the training RNG (drop path) by when each loader happened to start, and a resumed run
+    # would no longer repeat an uninterrupted one.
+    workers = {"num_workers": place.loader_workers, "persistent_workers": place.loader_workers > 0,
+               "pin_memory": place.pin_memory}
+    generators = [torch.Generator().manual_seed(recipe.seed + rank) for _ in range(2)]
     sampler = EpochSampler(_train_sampler(train_set, recipe, rank, world_size))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=Collate(anchor_labeler(model)), **workers)
-    # Each rank predicts every world_size-th validation image; rank 0 scores them all.
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=recipe.batch_size, collate_fn=Collate(),
-                                             **workers)
-    return sampler, train_loader, val_loader
+        collate_fn=Collate(anchor_labeler(model)), generator=generators[0], **workers)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=recipe.batch_size,
+                                             collate_fn=Collate(), generator=generators[1], **workers)
+    return train_set, val_set, sampler, train_loader, val_loader
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -233,43 +291,8 @@ def _shard_overlap(indices: list[int], world_size: int) -> int:
     return len(everyone) - len(set(everyone))
 
 
-def _evaluate_all(predictors: dict, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int,
-                  channels_last: bool):
-    """Score every set of weights (raw, EMA); the better one's scores become the trial's, and it is deployed."""
-    scores = {name: _evaluate(predictor, loader, evaluator, device, rank, world_size, channels_last)
-              for name, predictor in predictors.items()}
-    if rank != 0:
-        return {}, "raw"
-    best = max(scores, key=lambda name: (scores[name]["map"], name == "ema"))  # a tie goes to the EMA
-    return {**scores[best], **{f"map_{name}": s["map"] for name, s in scores.items()}}, best
-
-
-def _evaluate(predictor, loader, evaluator: CocoEvaluator, device, rank: int, world_size: int,
-              channels_last: bool) -> dict:
-    predictor.eval()
-    image_ids, detections = [], []
-    with torch.inference_mode():
-        for images, targets in loader:
-            info = {"img_scale": targets["img_scale"].to(device), "img_size": targets["img_size"].to(device)}
-            image_ids.append(targets["image_id"].numpy())
-            detections.append(predictor(to_model_input(images, device, channels_last), info).cpu().numpy())
-    if world_size > 1:
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, (image_ids, detections))
-        image_ids = [ids for part in gathered for ids in part[0]]
-        detections = [dets for part in gathered for dets in part[1]]
-    if rank != 0:
-        return {}
-    evaluator.reset()
-    for ids, dets in zip(image_ids, detections):
-        evaluator.process(ids, dets)
-    scores = evaluator.evaluate()
-    scores["eval_images"] = len(set(evaluator.image_ids))
-    return scores
-
-
 def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: unpacks the plain-dict config, reports and resumes through ray.train."""
+    """Ray Train's train_loop_per_worker: config["plan"] is the trial's TrialPlan; reports and resumes through ray.train."""
     import ray.train
     import ray.train.torch
 
@@ -282,10 +305,6 @@ def train_worker(config: dict) -> None:
     # After a worker failure (or a restarted trial) Ray Train hands back the last reported checkpoint.
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
-        fit(
-            ModelSpec.from_dict(config["spec"]), DataPaths(**config["data"]),
-            from_mapping(TrainConfig, config["train"], "train"), report,
-            rank=context.get_world_rank(), world_size=context.get_world_size(),
-            device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
-            resume_from=resume_from,
-        )
+        fit(config["plan"], report, rank=context.get_world_rank(), world_size=context.get_world_size(),
+            local_world_size=context.get_local_world_size(), device=ray.train.torch.get_device(),
+            prepare_model=ray.train.torch.prepare_model, resume_from=resume_from)

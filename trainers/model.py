@@ -24,7 +24,11 @@ def effdet_config(spec: ModelSpec):
     config.update(
         name=f"effsearch_{spec.backbone_family}",
         backbone_name=backbones.BACKBONE_NAME,
-        backbone_args=dict(family=spec.backbone_family, width=spec.backbone_width, depth=spec.backbone_depth),
+        # Merged into effdet's own backbone_args, not replacing them: replacing dropped its drop_path_rate.
+        # timm's generators take bn_momentum here; norm_kwargs below reach only the BiFPN and heads.
+        backbone_args=dict(config.backbone_args, family=spec.backbone_family, width=spec.backbone_width,
+                           depth=spec.backbone_depth, drop_path_rate=spec.drop_path_rate,
+                           bn_momentum=spec.bn_momentum),
         image_size=(spec.image_size, spec.image_size),
         num_classes=spec.num_classes,
         min_level=spec.min_level,
@@ -57,7 +61,7 @@ def build_model(spec: ModelSpec) -> EfficientDet:
 
 def train_bench(model: EfficientDet, *, labels_in_batch: bool = False) -> DetBenchTrain:
     """effdet's training wrapper: focal/box loss, and anchor labelling unless the batches carry the labels."""
-    return DetBenchTrain(model, create_labeler=not labels_in_batch)
+    return DetBenchTrain(model, create_labeler=not labels_in_batch).to(_device_of(model))
 
 
 def anchor_labeler(model: EfficientDet) -> BatchAnchorLabeler:
@@ -66,8 +70,16 @@ def anchor_labeler(model: EfficientDet) -> BatchAnchorLabeler:
 
 
 def predict_bench(model: EfficientDet) -> DetBenchPredict:
-    """effdet's prediction wrapper: decode + NMS, returning x1,y1,x2,y2,score,class rows."""
-    return DetBenchPredict(model)
+    """effdet's prediction wrapper: decode + NMS, returning x1,y1,x2,y2,score,class rows.
+
+    effdet builds the bench's anchor boxes on the CPU whatever the model's device; a CUDA model would then
+    index CPU anchors with CUDA indices at its first evaluation. So the bench moves to the model's device.
+    """
+    return DetBenchPredict(model).to(_device_of(model))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def build_on_meta(spec: ModelSpec) -> EfficientDet:

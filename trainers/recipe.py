@@ -18,7 +18,8 @@ class TrainConfig:
     batch_size: int = 16  # per worker
     optimizer: str = "adamw"  # or "sgd", the paper's (with momentum below)
     momentum: float = 0.9  # SGD only
-    # The learning rate for lr_batch images, scaled linearly with the global batch (batch_size x workers).
+    # The learning rate for lr_batch images, scaled with the global batch (batch_size x workers): linearly
+    # for SGD (Goyal et al. 2017), by the square root for AdamW (Malladi et al. 2022, the SDE scaling rule).
     # AdamW from scratch: at batch 16 on shapes, lr 1e-2 with half an epoch of warmup reached AP 0.62 in
     # 6 epochs where lr 3e-3 with one epoch of warmup reached 0.34 (same variant, same seed).
     lr: float = 1e-2
@@ -66,7 +67,8 @@ class TrainConfig:
         return asdict(self)
 
     def scaled_lr(self, world_size: int) -> float:
-        return self.lr * self.batch_size * world_size / self.lr_batch
+        ratio = self.batch_size * world_size / self.lr_batch
+        return self.lr * (ratio if self.optimizer == "sgd" else math.sqrt(ratio))
 
 
 def build_optimizer(model: torch.nn.Module, recipe: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
@@ -95,10 +97,33 @@ def build_schedule(optimizer: torch.optim.Optimizer, recipe: TrainConfig, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def loader_workers(recipe: TrainConfig, device: torch.device) -> int:
+@dataclass(frozen=True)
+class Placement:
+    """How a worker's process uses its device and reserved cores: decided here, and nowhere else."""
+
+    threads: int  # torch intra-op threads; 0 leaves torch's default
+    loader_workers: int
+    pin_memory: bool
+    channels_last: bool
+
+
+def placement(recipe: TrainConfig, device: torch.device, reserved_cpus: int | None = None) -> Placement:
+    """reserved_cpus: the cores Ray reserved for this worker (None outside a search: unknown).
+
+    On CPU the training threads use every reserved core and a loader process would only preempt them
+    (benchmarks/train_throughput.py), so there are none. On CUDA the reserved cores beyond the first decode
+    and augment (4 when the reservation is unknown), and pinned memory lets the copy overlap the step.
+    """
+    cuda = device.type == "cuda"
+    threads = recipe.threads or (reserved_cpus if reserved_cpus and not cuda else 0)
     if recipe.loader_workers >= 0:
-        return recipe.loader_workers
-    return 4 if device.type == "cuda" else 0
+        workers = recipe.loader_workers
+    elif cuda:
+        workers = max(1, reserved_cpus - 1) if reserved_cpus else 4
+    else:
+        workers = 0
+    return Placement(threads=threads, loader_workers=workers, pin_memory=cuda,
+                     channels_last=recipe.channels_last and cuda)
 
 
 def autocast_dtype(recipe: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -37,6 +37,8 @@ class ModelSpec:
     box_loss_weight: float = 50.0
     # effdet's default (0.01, PyTorch convention) barely moves in a few hundred steps; see DESIGN.md.
     bn_momentum: float = 0.01
+    # Stochastic depth in the backbone: effdet's D0 value (its Lite configs use 0.1).
+    drop_path_rate: float = 0.2
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -85,3 +87,4 @@ def _validate(s: ModelSpec) -> None:
     _check(s.focal_gamma >= 0, f"focal_gamma: must be >= 0, got {s.focal_gamma}")
     _check(s.box_loss_weight > 0, f"box_loss_weight: must be > 0, got {s.box_loss_weight}")
     _check(0 < s.bn_momentum <= 1, f"bn_momentum: must be in (0, 1], got {s.bn_momentum}")
+    _check(0 <= s.drop_path_rate < 1, f"drop_path_rate: must be in [0, 1), got {s.drop_path_rate}")

@@ -23,6 +23,9 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         return self._sync_normalise(x)
 
     def _sync_normalise(self, x: torch.Tensor) -> torch.Tensor:
+        # The statistics are always float32: var = E[x^2] - E[x]^2 cancels catastrophically in bf16/fp16
+        # (8 or 11 mantissa bits), which is what autocast hands us under amp.
+        dtype, x = x.dtype, x.float()
         channels = x.shape[1]
         count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
         local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
@@ -36,7 +39,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         y = (x - mean[None, :, None, None]) * scale[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+        return y.to(dtype)
 
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
         with torch.no_grad():

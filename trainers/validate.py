@@ -1,47 +1,33 @@
-"""Checks a COCO-format dataset before any training, naming the file and the record of every problem."""
+"""Checks a COCO-format split before any training, naming the file and the record of every problem, and indexes it."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-from dataclasses import dataclass, field
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pycocotools.coco import COCO
+
+from trainers.annotations import SplitIndex, TrainingData
+
+CHECK_MODES = ("full", "headers", "sample")
+SAMPLE_SIZE = 500  # images decoded in full by data.check: sample
+EXIF_ORIENTATION = 0x0112
+SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the stored pixels by 90 degrees
+PROGRESS_EVERY_S = 10.0
 
 
 class DataError(ValueError):
     """The dataset is unusable; the message names the file and the record."""
 
 
-def load_coco(annotation_file: str | Path) -> COCO:
-    """pycocotools COCO with a clear error for a missing or malformed file."""
-    path = Path(annotation_file)
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read annotation file: {err}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing or non-list key {key!r}")
-    _check_fields(data, path)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
 @dataclass
 class DataReport:
-    """What validation found that is not fatal: degenerate boxes are dropped and counted."""
+    """What validation found that is not fatal: boxes clipped to their image, degenerate boxes dropped."""
 
     annotation_file: str
     category_ids: tuple[int, ...] = ()
@@ -49,14 +35,20 @@ class DataReport:
     annotations: int = 0
     crowd: int = 0
     images_without_annotations: int = 0
-    degenerate_ids: list[int] = field(default_factory=list)
+    clipped: int = 0
+    degenerate_ids: tuple[int, ...] = ()
+    images_checked: str = ""
 
     def summary(self) -> str:
         text = (f"{self.annotation_file}: {self.images} images, {self.annotations} boxes "
                 f"({self.crowd} crowd), {self.images_without_annotations} images without annotations")
+        if self.clipped:
+            text += f"; clipped {self.clipped} boxes to their image"
         if self.degenerate_ids:
             shown = ", ".join(map(str, self.degenerate_ids[:10])) + (" ..." if len(self.degenerate_ids) > 10 else "")
             text += f"; dropped {len(self.degenerate_ids)} degenerate boxes (annotation ids {shown})"
+        if self.images_checked:
+            text += f"; {self.images_checked}"
         return text
 
 
@@ -67,68 +59,28 @@ _REQUIRED = {
 }
 
 
-def _check_fields(data: dict, path: Path) -> None:
-    """Every record has the fields pycocotools indexes on: otherwise it fails with a bare KeyError."""
-    for section, fields in _REQUIRED.items():
-        singular = section[:-1].replace("categorie", "category")
-        for record in data[section]:
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: {section} holds a non-object entry {record!r}")
-            for key in fields:
-                if key not in record:
-                    raise DataError(f"{path}: {singular} id {record.get('id')}: missing field {key!r}")
+def load_training_data(train_annotations, train_images, val_annotations, val_images, *, check: str = "full",
+                       cache_bytes_per_node: int = 2 * 2**30,
+                       say: Callable[[str], None] | None = None) -> tuple[TrainingData, dict[str, DataReport]]:
+    """Both splits, checked and indexed, sharing one label space; raises DataError on the first fatal problem."""
+    train, train_report = index_split(train_annotations, train_images, check=check, say=say)
+    val, val_report = index_split(val_annotations, val_images, check=check, say=say)
+    check_same_categories(train_report, val_report)
+    if not train.trainable.any():
+        raise DataError(f"{train.annotation_file}: no box to train on (every annotation is crowd or degenerate)")
+    return (TrainingData(train, val, cache_bytes_per_node=cache_bytes_per_node),
+            {"train": train_report, "val": val_report})
 
 
-def validate_split(annotation_file: str | Path, image_dir: str | Path, *, check_images: bool = True) -> DataReport:
-    """Raise DataError on the first fatal problem; return a report of what will be dropped."""
-    return validate_coco(load_coco(annotation_file), annotation_file, image_dir, check_images=check_images)
-
-
-def validate_coco(coco: COCO, annotation_file: str | Path, image_dir: str | Path, *,
-                  check_images: bool) -> DataReport:
+def index_split(annotation_file: str | Path, image_dir: str | Path, *, check: str = "full",
+                say: Callable[[str], None] | None = None) -> tuple[SplitIndex, DataReport]:
+    """Parse, validate and index one split, then check its images as `check` says (full, headers or sample)."""
+    if check not in CHECK_MODES:
+        raise DataError(f"data.check: must be one of {', '.join(CHECK_MODES)}, got {check!r}")
     path = Path(annotation_file)
-    categories = {c["id"] for c in coco.dataset["categories"]}
-    if len(categories) != len(coco.dataset["categories"]):
-        raise DataError(f"{path}: category ids are not unique")
-    report = DataReport(str(path), category_ids=tuple(sorted(categories)))
-    images = {}
-    for record in coco.dataset["images"]:
-        image_id = record["id"]
-        if image_id in images:
-            raise DataError(f"{path}: image id {image_id} appears twice")
-        images[image_id] = record
-    report.images = len(images)
-    annotated, seen = set(), set()
-    for ann in coco.dataset["annotations"]:
-        where = f"{path}: annotation id {ann['id']}"
-        # pycocotools indexes annotations by id, and the loader drops degenerate boxes by id.
-        if ann["id"] in seen:
-            raise DataError(f"{where} appears twice")
-        seen.add(ann["id"])
-        image = images.get(ann["image_id"])
-        if image is None:
-            raise DataError(f"{where}: image id {ann['image_id']} does not exist")
-        if ann["category_id"] not in categories:
-            raise DataError(f"{where} (image id {ann['image_id']}): unknown category_id {ann['category_id']}")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DataError(f"{where} (image id {ann['image_id']}): bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
-        x, y, w, h = bbox
-        if w <= 1 or h <= 1:
-            report.degenerate_ids.append(ann["id"])
-            continue
-        # One pixel of slack: exporters often round boxes that touch the border outwards.
-        if x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
-            raise DataError(f"{where} (image id {ann['image_id']}): box {bbox} lies outside the "
-                            f"{image['width']}x{image['height']} image {image['file_name']}")
-        report.annotations += 1
-        report.crowd += int(bool(ann.get("iscrowd", 0)))
-        annotated.add(ann["image_id"])
-    report.images_without_annotations = len(images) - len(annotated)
-    if check_images:
-        for image_id, record in images.items():
-            _check_image(Path(image_dir) / record["file_name"], image_id, record)
-    return report
+    index, report = _index(_load_json(path), path, Path(image_dir))
+    report.images_checked = check_images(index, check, say=say)
+    return (replace(index, images_checked=True) if check == "full" else index), report
 
 
 def check_same_categories(train: DataReport, val: DataReport) -> None:
@@ -138,15 +90,168 @@ def check_same_categories(train: DataReport, val: DataReport) -> None:
                         f"{train.annotation_file}: {list(train.category_ids)}")
 
 
-def _check_image(path: Path, image_id: int, record: dict) -> None:
+def _load_json(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(f"{path}: image id {image_id} is missing")
+        raise DataError(f"{path}: annotation file not found")
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read annotation file: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing or non-list key {key!r}")
+    for section, fields in _REQUIRED.items():
+        singular = section[:-1].replace("categorie", "category")
+        for record in data[section]:
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: {section} holds a non-object entry {record!r}")
+            for key in fields:
+                if key not in record:
+                    raise DataError(f"{path}: {singular} id {record.get('id')}: missing field {key!r}")
+    if not data["images"]:
+        raise DataError(f"{path}: the split has no images")
+    return data
+
+
+def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataReport]:
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    category_ids = tuple(c["id"] for c in categories)
+    if len(set(category_ids)) != len(category_ids):
+        raise DataError(f"{path}: category ids are not unique")
+    label_of = {c: label for label, c in enumerate(category_ids, 1)}
+    report = DataReport(str(path), category_ids=category_ids)
+
+    images = sorted(data["images"], key=lambda r: r["id"])
+    position = {}
+    for i, record in enumerate(images):
+        if record["id"] in position:
+            raise DataError(f"{path}: image id {record['id']} appears twice")
+        position[record["id"]] = i
+    report.images = len(images)
+
+    rows: list[tuple] = []  # (image position, annotation id, label, x, y, w, h, area, crowd)
+    seen, degenerate = set(), []
+    for ann in data["annotations"]:
+        where = f"{path}: annotation id {ann['id']}"
+        # pycocotools indexes annotations by id: duplicates would silently shadow each other.
+        if ann["id"] in seen:
+            raise DataError(f"{where} appears twice")
+        seen.add(ann["id"])
+        at = position.get(ann["image_id"])
+        if at is None:
+            raise DataError(f"{where}: image id {ann['image_id']} does not exist")
+        if ann["category_id"] not in label_of:
+            raise DataError(f"{where} (image id {ann['image_id']}): unknown category_id {ann['category_id']}")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise DataError(f"{where} (image id {ann['image_id']}): bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+        image = images[at]
+        x, y, w, h = bbox
+        # COCO itself has boxes a fraction of a pixel outside their image: clip and count, never abort.
+        x1, y1 = min(max(x, 0.0), image["width"]), min(max(y, 0.0), image["height"])
+        x2, y2 = min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"])
+        report.clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
+        crowd = bool(ann.get("iscrowd", 0))
+        if x2 - x1 <= 1 or y2 - y1 <= 1:
+            degenerate.append(ann["id"])
+        else:
+            report.annotations += 1
+            report.crowd += crowd
+        area = ann.get("area")
+        area = float(area) if isinstance(area, (int, float)) else (x2 - x1) * (y2 - y1)
+        rows.append((at, ann["id"], label_of[ann["category_id"]], x1, y1, x2 - x1, y2 - y1, area, crowd))
+    report.degenerate_ids = tuple(degenerate)
+
+    rows.sort(key=lambda r: (r[0], r[1]))
+    table = np.array([r[:3] for r in rows], dtype=np.int64).reshape(-1, 3)
+    values = np.array([r[3:8] for r in rows], dtype=np.float64).reshape(-1, 5)
+    crowd = np.array([r[8] for r in rows], dtype=bool)
+    boxes = values[:, :4].astype(np.float32)
+    degenerate_rows = (values[:, 2] <= 1) | (values[:, 3] <= 1)
+    trainable = ~crowd & ~degenerate_rows
+    report.images_without_annotations = len(images) - len(np.unique(table[:, 0][~degenerate_rows]))
+    index = SplitIndex(
+        annotation_file=str(path), image_dir=str(image_dir), category_ids=category_ids,
+        category_names=tuple(str(c["name"]) for c in categories),
+        image_ids=np.array([r["id"] for r in images], dtype=np.int64),
+        file_names=tuple(r["file_name"] for r in images),
+        sizes=np.array([(r["width"], r["height"]) for r in images], dtype=np.int64).reshape(-1, 2),
+        first_box=np.searchsorted(table[:, 0], np.arange(len(images) + 1)).astype(np.int64),
+        boxes=boxes, labels=table[:, 2], annotation_ids=table[:, 1], areas=values[:, 4].astype(np.float32),
+        crowd=crowd, trainable=trainable)
+    return index, report
+
+
+def check_images(index: SplitIndex, mode: str, *, say: Callable[[str], None] | None = None) -> str:
+    """Open the split's images as `mode` says, in parallel; returns what was checked, raising on a bad image.
+
+    full decodes every image (a truncated file fails here, not in epoch 3); headers reads each header (size
+    and EXIF orientation: fast, but misses truncation); sample decodes a seeded sample of SAMPLE_SIZE images.
+    Anything unchecked that turns out unreadable stops training with the same message when it is loaded.
+    """
+    positions = list(range(len(index)))
+    if mode == "sample" and len(positions) > SAMPLE_SIZE:
+        positions = sorted(random.Random(0).sample(positions, SAMPLE_SIZE))
+    decode = mode != "headers"
+    started = last = time.monotonic()
+    done = 0
+    # PIL releases the GIL while it reads and decodes, so threads overlap both the I/O and the decoding.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in pool.map(lambda i: _check_image(index, i, decode), positions):
+            done += 1
+            if say is not None and time.monotonic() - last > PROGRESS_EVERY_S:
+                last = time.monotonic()
+                say(f"checking images of {Path(index.annotation_file).name}: {done}/{len(positions)}")
+    what = {"full": "decoded", "headers": "read the headers of", "sample": "decoded a sample of"}[mode]
+    return f"{what} {len(positions)} of {len(index)} images in {time.monotonic() - started:.1f} s"
+
+
+def _check_image(index: SplitIndex, i: int, decode: bool) -> None:
+    path = Path(index.image_dir) / index.file_names[i]
+    image_id = int(index.image_ids[i])
     try:
         with Image.open(path) as image:
-            size = image.size
-            image.verify()  # reads the whole file: a truncated image fails here, not in epoch 3
+            exif_transpose_needed(image, index, i)
+            if decode:
+                image.load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image id {image_id} is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path}: image id {image_id} is unreadable: {err}") from None
-    if size != (record["width"], record["height"]):
-        raise DataError(f"{path}: image id {image_id} is {size[0]}x{size[1]} but the annotations say "
-                        f"{record['width']}x{record['height']}")
+
+
+def exif_transpose_needed(image: Image.Image, index: SplitIndex, i: int) -> bool:
+    """Whether the annotations describe the image as displayed (EXIF orientation applied) or as stored.
+
+    Annotation tools show photos with their EXIF orientation applied, so that is the default (as detectron2
+    reads images). A record whose width and height match only the stored pixels was annotated on those.
+    Any other size is an error that names both.
+    """
+    expected = tuple(int(v) for v in index.sizes[i])
+    stored = image.size
+    orientation = _orientation(image)
+    shown = stored[::-1] if orientation in SWAPS_AXES else stored
+    if shown == expected:
+        return orientation in range(2, 9)
+    if stored == expected:
+        return False
+    turned = f" ({shown[0]}x{shown[1]} after its EXIF orientation {orientation})" if shown != stored else ""
+    raise DataError(f"{Path(index.image_dir) / index.file_names[i]}: image id {int(index.image_ids[i])} is "
+                    f"{stored[0]}x{stored[1]}{turned} but the annotations say {expected[0]}x{expected[1]}")
+
+
+def _orientation(image: Image.Image) -> int:
+    if image.format == "PNG":
+        # PIL's PNG getexif decodes the whole image to look for an eXIf chunk after the pixels; one before
+        # them (where exporters put it) is already in image.info, and that is all a header read may look at.
+        raw = image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(EXIF_ORIENTATION, 1)
+    return image.getexif().get(EXIF_ORIENTATION, 1)

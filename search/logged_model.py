@@ -1,0 +1,44 @@
+"""Logging a trained trial as an MLflow model: a pt2 graph of the raw network, with the spec beside it."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from search.tracking import MODEL_URI_TAG
+
+MODEL_PIP_REQUIREMENTS = ["torch==2.14.1", "effdet==0.4.1"]
+
+
+def log_model(run_id: str, checkpoint_dir: str) -> None:
+    """Log the trained network as an MLflow pt2 model (torch.export: loading it runs no pickled code).
+
+    The raw EfficientDet exports; effdet's NMS does not, so the spec travels beside the graph as spec.json
+    and prediction rebuilds anchors and post-processing from it.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from trainers.checkpoint import SPEC_FILE, load_model
+
+    model, spec = load_model(checkpoint_dir)
+    shape = (3, spec.image_size, spec.image_size)
+    # A batch of 2 in the example makes torch.export keep the batch dimension dynamic.
+    example = np.zeros((2, *shape), dtype=np.float32)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]))
+    # MLflow tries to serve-validate the example and warns that a tuple-of-lists output is not one tensor.
+    quiet = logging.getLogger("mlflow")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=example,
+                pip_requirements=MODEL_PIP_REQUIREMENTS, extra_files=[str(Path(checkpoint_dir) / SPEC_FILE)])
+    finally:
+        quiet.setLevel(level)
+    MlflowClient().set_tag(run_id, MODEL_URI_TAG, info.model_uri)

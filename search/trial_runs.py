@@ -1,0 +1,86 @@
+"""A Tune callback that writes every trial as an MLflow child run of the search; the driver is the only writer."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from search.logged_model import log_model
+from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, PARENT_TAG, TRIAL_ID_TAG
+
+# Per-epoch metrics worth a curve in the UI. Accuracy keys arrive only in epochs that were evaluated.
+EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
+                 "epoch_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
+                 "shard_overlap", "eval_images", "dropped_boxes", "peak_memory_mb", "map_raw", "map_ema",
+                 "resumed_from_epoch", "image_cache")
+
+
+class MlflowTrialLogger(Callback):
+    """Writes every trial as a child run of the search's parent run; the Tune driver is the only writer."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, total_epochs: int):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.total_epochs = total_epochs
+        self.run_ids: dict[str, str] = {}
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id not in self.run_ids:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"trial-{trial.trial_id}",
+                tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id})
+            spec = trial.config.get("spec", {})
+            for key, value in spec.items():
+                self.client.log_param(run.info.run_id, key, value)
+            self.run_ids[trial.trial_id] = run.info.run_id
+        return self.run_ids[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [mlflow.entities.Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS if k in result]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        result = trial.last_result or {}
+        full = int(result.get("epoch", 0)) >= self.total_epochs and result.get("full_budget") == 1
+        self.client.set_tag(run_id, FULL_BUDGET_TAG, "true" if full else "false")
+        if result.get("latency_device"):
+            self.client.set_tag(run_id, "effsearch.latency_device", str(result["latency_device"]))
+        checkpoint_path = result.get("checkpoint_path")
+        if full and checkpoint_path:
+            try:
+                log_model(run_id, checkpoint_path)
+            except Exception as err:  # the metrics are recorded; a model that fails to log must not lose them
+                self.client.set_tag(run_id, FULL_BUDGET_TAG, "false")
+                self.client.set_tag(run_id, ERROR_TAG, f"logging the model failed: {err}"[:4000])
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self.client.set_tag(run_id, FULL_BUDGET_TAG, "false")
+        reason = error_summary(trial)
+        if reason:
+            self.client.set_tag(run_id, ERROR_TAG, reason[:4000])
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def error_summary(trial) -> str:
+    """The last line of a failed trial's error: the one line a person needs."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+    return ""
+
+
