@@ -84,15 +84,17 @@ def load_one_epoch(config: dict) -> None:
     start, batches = time.perf_counter(), 0
     for _ in loader:
         batches += 1
-    ray.train.report({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "batches": batches, "seconds": time.perf_counter() - start, "cached": int(train_set.caching)})
+    mine = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": batches,
+            "seconds": time.perf_counter() - start, "cached": int(train_set.caching)}
+    everyone: list = [None] * context.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)  # rank 0's report is the one the trainer returns
+    ray.train.report({"workers": everyone})
 
 
 def trial_memory(data, cache_gib: float, storage: Path) -> dict:
     """Peak RSS (MB) of each of a 2-worker trial's workers after an epoch of loading."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.callback import UserCallback
 
     from spaces.search_spaces import scaled_anchor
     from trainers.annotations import TrainingData
@@ -105,17 +107,11 @@ def trial_memory(data, cache_gib: float, storage: Path) -> dict:
                      fpn_channels=32, fpn_repeats=1, head_repeats=2)
     data = TrainingData(data.train, data.val, cache_bytes_per_node=int(cache_gib * 2**30))
     plan = TrialPlan(spec, data, TrainConfig(batch_size=BATCH), cpus_per_worker=1)
-    per_worker = []
-
-    class Collect(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            per_worker.extend(metrics)  # one dict per rank
-
     trainer = TorchTrainer(load_one_epoch, train_loop_config={"plan": plan},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name=f"load-{len(data.train)}-{cache_gib}",
-                                                          storage_path=str(storage), callbacks=[Collect()]))
-    trainer.fit()
+                                                          storage_path=str(storage)))
+    per_worker = trainer.fit().metrics["workers"]
     return {"peak_rss_mb": max(m["peak_rss_mb"] for m in per_worker),
             "seconds": max(m["seconds"] for m in per_worker), "batches": per_worker[0]["batches"],
             "cached": per_worker[0]["cached"]}

@@ -189,8 +189,9 @@ def test_resume_reads_a_cuda_checkpoint_onto_the_cpu_first(shapes, tmp_path):
     fit(_plan(shapes, TrainConfig(epochs=1, batch_size=8, threads=1, ema=False)), reports)
     folder = reports.checkpoints[0]
     state = torch.load(folder / STATE_FILE, weights_only=True)
-    entry = (1000, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda obj, location: None)
-    torch.serialization._package_registry.append(entry)
+    # Taggers run in priority order, lowest first: this one answers before torch's own CPU tagger.
+    entry = (-1, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda obj, location: None)
+    torch.serialization._package_registry.insert(0, entry)
     try:
         torch.save(state, folder / STATE_FILE)
     finally:
@@ -216,3 +217,33 @@ def test_a_plan_with_backbone_weights_trains_from_them(shapes, tmp_path):
         assert torch.equal(tensor, expected[name]), name
     for name, tensor in modules.ema.module.backbone.state_dict().items():  # the EMA starts from them too
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_workers_train_from_the_index_without_reading_the_annotation_files(tmp_path):
+    """The driver parses the JSON once; a worker that parsed it again would fail here, where it is gone."""
+    import shutil
+
+    from trainers.shapes import make_shapes
+
+    paths = make_shapes(tmp_path / "shapes", train_images=16, val_images=4, seed=5)
+    data = training_data(paths)
+    for split in ("train", "val"):
+        shutil.move(paths[split]["annotations"], tmp_path / f"{split}-moved.json")
+    reports = _Recorder(tmp_path)
+    fit(TrialPlan(SPEC, data, TrainConfig(epochs=1, batch_size=8, threads=1, ema=False)), reports)
+    assert reports.metrics[-1]["eval_images"] == 4
+
+
+def test_cache_budget_is_per_node_and_a_split_that_does_not_fit_is_not_cached(shapes):
+    from trainers.loop import cache_plan
+
+    data = training_data(shapes)  # 32 train and 12 val images of 256x256: 196,608 bytes each decoded
+    image = 256 * 256 * 3
+    val_shard = range(0, 12, 2)  # rank 0 of 2 reads 6 validation images
+    assert data.train.decoded_bytes() == 32 * image and data.val.decoded_bytes(val_shard) == 6 * image
+    # Room for everything in each of 4 processes' share.
+    assert cache_plan(data.train, data.val, val_shard, 4 * 38 * image, 4) == (True, True)
+    # The share holds the validation shard but not the training split as well: train is not cached.
+    assert cache_plan(data.train, data.val, val_shard, 4 * 37 * image, 4) == (False, True)
+    # The same node budget split among 8 processes holds neither.
+    assert cache_plan(data.train, data.val, val_shard, 4 * 5 * image, 8) == (False, False)

@@ -244,6 +244,7 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, shapes):
             search.wait()
     assert search.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("effsearch: interrupted")
+    assert "Token authentication" not in err and "Traceback" not in err  # nothing a user cannot act on
     runs = client.search_runs([experiment.experiment_id])
     parent = [r for r in runs if PARENT_TAG not in r.data.tags]
     children = [r for r in runs if PARENT_TAG in r.data.tags]
