@@ -147,6 +147,11 @@ def _start_ray(address: str | None) -> None:
     # Ray turns token authentication on for a new local cluster (good) and warns about it on every start,
     # which a user can do nothing about; the README says it once.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Each trial runs several small actors (its driver, a report queue, Train's controller, the workers), so
+    # on a 2-core machine the raylet warns that "8 PYTHON worker processes have been started", with no way
+    # to silence it (ray-project/ray#63800). Its threshold is the startup concurrency, which defaults to
+    # the CPU count; a search's expected process count is above that by design.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, 4 * (os.cpu_count() or 1))))
     # Each trial's driver reserves DRIVER_CPUS and does no compute; one spare logical CPU lets the drivers
     # sit beside workers that reserve whole cores.
     ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
