@@ -9,8 +9,8 @@ Both sides train the same network (the CPU space's default variant: EfficientDet
   the network comes from `trainers.model.build_model`, so that both sides train the identical model).
   Images are read, resized and normalised once; targets are labelled once by effdet's own `AnchorLabeler`.
   Each step is effdet's `DetBenchTrain` forward and loss, backward, `clip_grad_norm_(10.0)`, a
-  `torch.optim.AdamW` step and a `timm.utils.ModelEmaV3` update. Like the trainer, it does not read the
-  loss every step; it reads it once at the end of each timed stretch.
+  `torch.optim.AdamW` step and a `timm.utils.ModelEmaV3` update. The loss is read once, at the end of each
+  timed stretch, not every step.
 
 The machine is shared, so the two are interleaved: after each trainer epoch, the ceiling runs the same
 number of steps in the same process, and the two form a pair measured under nearly the same conditions.
@@ -63,11 +63,13 @@ class DatasetPaths:
 
 
 def _run_trainer(spec: ModelSpec, data_paths: DatasetPaths, recipe: TrainConfig, report) -> None:
-    """The benchmark's only contact with fit's API, which is changing: only this function follows it."""
-    from trainers.loop import DataPaths, fit
+    """The benchmark's only contact with fit's API: when that changes, only this function follows it."""
+    from trainers.loop import TrialPlan, fit
+    from trainers.validate import load_training_data
 
-    fit(spec, DataPaths(data_paths.train_annotations, data_paths.train_images, data_paths.val_annotations,
-                        data_paths.val_images), recipe, report)
+    data, _reports = load_training_data(data_paths.train_annotations, data_paths.train_images,
+                                        data_paths.val_annotations, data_paths.val_images)
+    fit(TrialPlan(spec=spec, data=data, recipe=recipe), report)
 
 
 THREADS = 2

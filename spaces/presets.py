@@ -1,13 +1,12 @@
 """EfficientDet D0..D7x (the paper's Table 1) as rows of data that go through the one ModelSpec builder."""
 from __future__ import annotations
 
+from trainers.pretrained import STANDARD_BACKBONES
 from trainers.spec import ModelSpec
 
-# EfficientNet B0..B7 compound-scaling multipliers (width, depth), from the EfficientNet paper.
-BACKBONE_SCALING = {
-    "b0": (1.0, 1.0), "b1": (1.0, 1.1), "b2": (1.1, 1.2), "b3": (1.2, 1.4),
-    "b4": (1.4, 1.8), "b5": (1.6, 2.2), "b6": (1.8, 2.6), "b7": (2.0, 3.1),
-}
+# EfficientNet B0..B7 compound-scaling multipliers (width, depth), as timm builds them.
+BACKBONE_SCALING = {name.removeprefix("efficientnet_"): (width, depth)
+                    for name, (family, width, depth) in STANDARD_BACKBONES.items() if family == "efficientnet"}
 
 # name: backbone, input resolution, BiFPN channels, BiFPN cells, head repeats, max level, anchor scale.
 # D7 uses anchor scale 5 and D7x adds level P8, as in the official release; D6+ fuse with a plain sum,

@@ -1,4 +1,5 @@
 """A trial's training worker is killed after an epoch; Ray Train restarts it from its last checkpoint."""
+import json
 import os
 import signal
 import threading
@@ -41,11 +42,21 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
+def _registered_checkpoints(run_folder) -> int:
+    """How many checkpoints Ray Train has registered (not merely written: a report counts once every rank's
+    has arrived, and the controller lags behind on a loaded machine). Its checkpoint manager records them in
+    this snapshot each time it registers one."""
+    try:
+        snapshot = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
+    return len(snapshot.get("checkpoint_results") or [])
+
+
 def _kill_after_checkpoints(run_folder, count: int, done: threading.Event) -> list[int]:
     killed: list[int] = []
     while not done.is_set():
-        saved = [d for d in os.listdir(run_folder) if d.startswith("checkpoint_")] if run_folder.exists() else []
-        if len(saved) >= count:
+        if _registered_checkpoints(run_folder) >= count:
             for pid in _train_worker_pids():
                 try:
                     os.kill(pid, signal.SIGKILL)
