@@ -93,10 +93,13 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         status = "FINISHED"
     finally:
         # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
-        # runs too, and the trials already recorded keep their frontier tags.
-        close_open_runs(client, experiment_id, parent_id, children_status)
-        frontier = record_frontier(client, experiment_id, parent_id)
-        client.set_terminated(parent_id, status)
+        # runs too, the trials already recorded keep their frontier tags, and the parent is closed even if
+        # drawing the frontier fails.
+        try:
+            close_open_runs(client, experiment_id, parent_id, children_status)
+            frontier = record_frontier(client, experiment_id, parent_id)
+        finally:
+            client.set_terminated(parent_id, status)
     failed = [r for r in results if r.error is not None]
     first_error = str(failed[0].error).strip().splitlines()[-1] if failed else ""
     return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error)
