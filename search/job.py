@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from spaces import SPACES
+from spaces import SPACES, fixed_value_problems
 from trainers.recipe import TrainConfig
 from trainers.validate import CHECK_MODES
 from trainers.typed import ConfigError, from_mapping
@@ -48,6 +48,9 @@ class SearchConfig:
     max_concurrent_trials: int = 1
     seed: int = 0
     max_gflops: float | None = None  # configurations above this are rejected before training
+    # Parameters of the space held at one value, e.g. {image_size: 512}: Optuna's PartialFixedSampler
+    # hands the space these values and samples the rest.
+    fixed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,11 @@ def _check_values(job: Job, source: str) -> None:
             problems.append(f"job.search.{key}: must be >= 1")
     if job.search.max_gflops is not None and job.search.max_gflops <= 0:
         problems.append("job.search.max_gflops: must be > 0")
+    if not isinstance(job.search.fixed, dict):
+        problems.append(f"job.search.fixed: must be a mapping of parameter: value, got {job.search.fixed!r}")
+    elif job.search.space in SPACES:
+        problems.extend(f"job.search.fixed.{problem}" for problem in
+                        fixed_value_problems(job.search.space, job.search.fixed))
     for key in ("workers_per_trial", "cpus_per_worker"):
         if getattr(job.resources, key) < 1:
             problems.append(f"job.resources.{key}: must be >= 1")

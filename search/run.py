@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -70,8 +71,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         _start_ray(ray_address)
         searcher = OptunaSearch(
             space, metric=METRICS, mode=MODES,
-            sampler=optuna.samplers.TPESampler(seed=job.search.seed,
-                                               n_startup_trials=max(2, job.search.trials // 3)),
+            sampler=_sampler(job),
             study_name=job.name, storage=_optuna_storage(store.resolve() / "optuna.journal"))
         logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs)
         progress = ProgressPrinter(job.search.trials, job.train.epochs)
@@ -103,6 +103,15 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     failed = [r for r in results if r.error is not None]
     first_error = str(failed[0].error).strip().splitlines()[-1] if failed else ""
     return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error)
+
+
+def _sampler(job: Job) -> optuna.samplers.BaseSampler:
+    sampler = optuna.samplers.TPESampler(seed=job.search.seed, n_startup_trials=max(2, job.search.trials // 3))
+    if job.search.fixed:
+        with warnings.catch_warnings():  # "experimental since v2.4": stable for years, and documented
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.PartialFixedSampler(job.search.fixed, sampler)
+    return sampler
 
 
 def _check_fits(job: Job, data: TrainingData) -> None:

@@ -76,3 +76,48 @@ def efficientdet(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> 
 
 
 SPACES: dict[str, Space] = {"lite_cpu": lite_cpu, "efficientdet": efficientdet}
+
+
+def space_parameters(name: str) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The named space's parameters and their distributions, found by running it once on a throwaway trial."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # an in-memory study announces itself at INFO
+    try:
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    SPACES[name](trial)
+    return dict(trial.distributions)
+
+
+def fixed_value_problems(name: str, fixed: dict[str, Any]) -> list[str]:
+    """What is wrong with holding the named space's parameters at `fixed`: one "key: reason" line each."""
+    distributions = space_parameters(name)
+    problems = []
+    for key, value in fixed.items():
+        distribution = distributions.get(key)
+        if distribution is None:
+            problems.append(f"{key}: not a parameter of the {name} space (its parameters: {', '.join(distributions)})")
+        elif not _holds(distribution, value):
+            problems.append(f"{key}: {value!r} is not one of the {name} space's values ({_describe(distribution)})")
+    return problems
+
+
+def _holds(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(distribution, optuna.distributions.IntDistribution) and not isinstance(value, int):
+        return False
+    if not distribution.low <= value <= distribution.high:
+        return False
+    step = distribution.step
+    return not step or abs((value - distribution.low) / step - round((value - distribution.low) / step)) < 1e-9
+
+
+def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return "one of " + ", ".join(map(str, distribution.choices))
+    step = f" in steps of {distribution.step:g}" if distribution.step else ""
+    return f"{distribution.low:g} to {distribution.high:g}{step}"

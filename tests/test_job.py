@@ -45,6 +45,13 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"train": ["lr: -1"]}, "job.train.lr: must be > 0"),
     ({"resources": ["gpus_per_worker: -1"]}, "job.resources.gpus_per_worker: must be >= 0"),
     ({"colour": ["x: 1"]}, "job.colour: unknown key"),
+    ({"search": ["fixed: 512"]}, "job.search.fixed: must be a mapping of parameter: value, got 512"),
+    ({"search": ["fixed: {size: 512}"]}, "job.search.fixed.size: not a parameter of the lite_cpu space (its "
+                                          "parameters: phi, fpn_channels, fpn_repeats)"),
+    ({"search": ["space: efficientdet", "fixed: {image_size: 500}"]},
+     "job.search.fixed.image_size: 500 is not one of the efficientdet space's values (384 to 896 in steps of 128)"),
+    ({"search": ["space: efficientdet", "fixed: {fusion: max}"]},
+     "job.search.fixed.fusion: 'max' is not one of the efficientdet space's values (one of fastattn, sum)"),
 ])
 def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     path = tmp_path / "job.yaml"
@@ -145,3 +152,23 @@ def test_bad_data_options_name_the_key(tmp_path, shapes, line, message):
     path.write_text(_job_text(shapes) + f"  {line}\n")
     with pytest.raises(JobError, match=message):
         load_job(path)
+
+
+def test_fixed_parameters_hold_while_the_rest_is_sampled(tmp_path, shapes):
+    """search.fixed goes through Optuna's PartialFixedSampler: every proposal keeps it, the rest still varies."""
+    import optuna
+
+    from search.run import _sampler, _space
+
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, search=["space: efficientdet", "seed: 1",
+                                              "fixed: {image_size: 512, backbone_family: efficientnet}"]))
+    job = load_job(path)
+    study = optuna.create_study(sampler=_sampler(job))
+    specs = []
+    for _ in range(6):
+        trial = study.ask()
+        specs.append(_space(job)(trial)["spec"])
+        study.tell(trial, 0.0)
+    assert {(spec["image_size"], spec["backbone_family"]) for spec in specs} == {(512, "efficientnet")}
+    assert len({spec["fpn_channels"] for spec in specs}) > 1
