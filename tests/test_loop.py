@@ -247,3 +247,29 @@ def test_cache_budget_is_per_node_and_a_split_that_does_not_fit_is_not_cached(sh
     assert cache_plan(data.train, data.val, val_shard, 4 * 37 * image, 4) == (False, True)
     # The same node budget split among 8 processes holds neither.
     assert cache_plan(data.train, data.val, val_shard, 4 * 5 * image, 8) == (False, False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_evaluation_predicts_under_the_training_autocast(shapes, device):
+    """Both weight sets are scored in the trial's precision (bf16 here), not in float32: every convolution of
+    every predictor returns bfloat16 while evaluate_all runs."""
+    from trainers.evaluate import CocoEvaluator, evaluate_all
+    from trainers.loop import build_modules, data_loaders
+    from trainers.recipe import placement
+
+    plan = _plan(shapes, TrainConfig(batch_size=4, amp="bf16", loader_workers=0))
+    place = placement(plan.recipe, torch.device(device), None)
+    modules = build_modules(plan, torch.device(device), world_size=1)
+    *_, val_loader = data_loaders(plan, modules.model, place, rank=0, world_size=1, local_world_size=1)
+    seen = []
+    hooks = [conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+             for predictor in modules.predictors.values() for conv in predictor.modules()
+             if isinstance(conv, torch.nn.Conv2d)]
+    evaluator = CocoEvaluator(plan.data.val.coco_ground_truth(), plan.data.val.label_map)
+    scores, _ = evaluate_all(modules.predictors, val_loader, evaluator, device=torch.device(device), rank=0,
+                             world_size=1, channels_last=place.channels_last, amp_dtype=torch.bfloat16)
+    for hook in hooks:
+        hook.remove()
+    assert set(modules.predictors) == {"raw", "ema"} and {"map_raw", "map_ema"} <= set(scores)
+    assert seen and set(seen) == {torch.bfloat16}

@@ -76,8 +76,9 @@ def evaluate(predictor, loader, evaluator: CocoEvaluator, *, device: torch.devic
         for images, targets in loader:
             info = {"img_scale": targets["img_scale"].to(device), "img_size": targets["img_size"].to(device)}
             image_ids.append(targets["image_id"].numpy())
-            rows = predictor(to_model_input(images, device, channels_last), info)
-            detections.append(rows.float().cpu().numpy())
+            detections.append(predictor(to_model_input(images, device, channels_last), info).float())
+    # Copied to the host once, after the last batch was queued, so the device never waits on a copy.
+    detections = [rows.cpu().numpy() for rows in detections]
     if world_size > 1:
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, (image_ids, detections))

@@ -93,6 +93,7 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
     place = placement(recipe, device, plan.cpus_per_worker)
     if place.threads:
         torch.set_num_threads(place.threads)
+    torch.backends.cudnn.benchmark = place.cudnn_benchmark
     cost = model_cost(spec)
     modules = build_modules(plan, device, world_size)
     model, ema = modules.model, modules.ema

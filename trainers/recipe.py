@@ -105,6 +105,7 @@ class Placement:
     loader_workers: int
     pin_memory: bool
     channels_last: bool
+    cudnn_benchmark: bool  # every batch of a trial has one input size, so cuDNN's autotuned choice holds
 
 
 def placement(recipe: TrainConfig, device: torch.device, reserved_cpus: int | None = None) -> Placement:
@@ -123,7 +124,7 @@ def placement(recipe: TrainConfig, device: torch.device, reserved_cpus: int | No
     else:
         workers = 0
     return Placement(threads=threads, loader_workers=workers, pin_memory=cuda,
-                     channels_last=recipe.channels_last and cuda)
+                     channels_last=recipe.channels_last and cuda, cudnn_benchmark=cuda)
 
 
 def autocast_dtype(recipe: TrainConfig, device: torch.device) -> torch.dtype | None:
