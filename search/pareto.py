@@ -1,42 +1,54 @@
-"""The Pareto front and hypervolume of (AP up, GFLOPs down) points; pure, with no Ray or MLflow."""
+"""Pareto fronts and hypervolumes over any number of objectives, each maximised or minimised; pure, no Ray or MLflow.
+
+The front is written here: a direct comparison of every pair, since a search has hundreds of trials, not
+millions. The hypervolume is Optuna's (its exact WFG implementation, the one its hypervolume plot uses).
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+from optuna._hypervolume import compute_hypervolume
 
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """a dominates b when a's AP is no lower, its GFLOPs no higher, and it is strictly better in one."""
-    (ap_a, flops_a), (ap_b, flops_b) = a, b
-    return ap_a >= ap_b and flops_a <= flops_b and (ap_a > ap_b or flops_a < flops_b)
+# The search's objectives: COCO AP up, GFLOPs down.
+AP_GFLOPS = ("max", "min")
 
 
-def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the non-dominated (ap, gflops) points, sorted by GFLOPs; exact duplicates all stay.
+def _losses(points: Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
+    """Every objective turned into one to minimise."""
+    if any(d not in ("max", "min") for d in directions):
+        raise ValueError(f"directions must be 'max' or 'min', got {list(directions)}")
+    signs = np.array([-1.0 if d == "max" else 1.0 for d in directions])
+    return np.asarray(points, dtype=float).reshape(-1, len(directions)) * signs
 
-    Sorts by GFLOPs ascending (AP descending on ties) and sweeps once, O(n log n).
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str] = AP_GFLOPS) -> bool:
+    """a dominates b when it is no worse in every objective and strictly better in one."""
+    la, lb = _losses([a, b], directions)
+    return bool(np.all(la <= lb) and np.any(la < lb))
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[int]:
+    """Indices of the non-dominated points; exact duplicates of a front point all stay.
+
+    Sorted best-first by the last objective, then the ones before it (for AP and GFLOPs: cheapest first, and
+    the higher AP first among equal GFLOPs).
     """
-    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
-    front: list[int] = []
-    best_ap = float("-inf")
-    best_at_flops: tuple[float, float] | None = None
-    for i in order:
-        ap, flops = points[i]
-        if ap > best_ap:
-            front.append(i)
-            best_ap, best_at_flops = ap, (ap, flops)
-        elif (ap, flops) == best_at_flops:
-            front.append(i)  # an exact duplicate of a front point is not dominated by it
-    return front
+    losses = _losses(points, directions)
+    no_worse = np.all(losses[:, None, :] <= losses[None, :, :], axis=2)  # [i, j]: i is no worse than j
+    better = np.any(losses[:, None, :] < losses[None, :, :], axis=2)
+    dominated = np.any(no_worse & better, axis=0) if len(losses) else np.zeros(0, bool)
+    front = [i for i in range(len(losses)) if not dominated[i]]
+    return sorted(front, key=lambda i: (*losses[i][::-1], i))
 
 
-def hypervolume(points: Sequence[Sequence[float]], reference: tuple[float, float]) -> float:
-    """Area dominated by the points and bounded by reference (ap_ref, gflops_ref), e.g. (0, max GFLOPs)."""
-    ap_ref, flops_ref = reference
-    front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[1])
-    area, prev_ap = 0.0, ap_ref
-    for ap, flops in front:
-        if flops >= flops_ref or ap <= prev_ap:
-            continue
-        area += (ap - prev_ap) * (flops_ref - flops)
-        prev_ap = ap
-    return area
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float],
+                directions: Sequence[str] = AP_GFLOPS) -> float:
+    """The volume the points dominate, bounded by `reference` (for AP and GFLOPs: (0, a GFLOPs ceiling)).
+
+    Points no better than the reference in every objective add nothing.
+    """
+    losses = _losses(points, directions)
+    ref = _losses([reference], directions)[0]
+    inside = losses[np.all(losses < ref, axis=1)]
+    return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0

@@ -1,4 +1,6 @@
-"""The Pareto module against brute force on random points, ties and duplicates included."""
+"""The Pareto module against brute force on random 2-D and 3-D points (ties, duplicates, mixed directions),
+and hypervolumes against hand-computed values and cell counts."""
+import itertools
 import random
 
 import pytest
@@ -6,17 +8,32 @@ import pytest
 from search.pareto import dominates, hypervolume, pareto_front
 
 
-def brute_front(points):
-    return sorted(i for i, p in enumerate(points) if not any(dominates(q, p) for q in points))
+def brute_front(points, directions):
+    """Written apart from the module: compare every pair, objective by objective."""
+    def better_or_equal(x, y, d):
+        return x >= y if d == "max" else x <= y
+
+    def strictly_better(x, y, d):
+        return x > y if d == "max" else x < y
+
+    def dom(p, q):
+        return (all(better_or_equal(a, b, d) for a, b, d in zip(p, q, directions))
+                and any(strictly_better(a, b, d) for a, b, d in zip(p, q, directions)))
+
+    return sorted(i for i, p in enumerate(points) if not any(dom(q, p) for q in points))
 
 
-@pytest.mark.parametrize("seed", range(200))
-def test_front_matches_brute_force(seed):
+DIRECTIONS = [("max", "min"), ("min", "min"), ("max", "max"), ("max", "min", "min"), ("min", "max", "max"),
+              ("max", "max", "max")]
+
+
+@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("directions", DIRECTIONS, ids="-".join)
+def test_front_matches_brute_force(seed, directions):
     rng = random.Random(seed)
-    n = rng.randint(0, 30)
-    # Coarse grids make ties in AP, in GFLOPs, and exact duplicates common.
-    points = [(rng.randint(0, 6) / 10, rng.randint(1, 6) / 2) for _ in range(n)]
-    assert sorted(pareto_front(points)) == brute_front(points)
+    # Coarse grids make ties in each objective, and exact duplicates, common.
+    points = [tuple(rng.randint(0, 5) / 2 for _ in directions) for _ in range(rng.randint(0, 30))]
+    assert sorted(pareto_front(points, directions)) == brute_front(points, directions)
 
 
 def test_front_is_sorted_by_gflops_with_known_answer():
@@ -24,25 +41,44 @@ def test_front_is_sorted_by_gflops_with_known_answer():
     assert pareto_front(points) == [1, 0, 3, 4]
 
 
-def test_dominates_is_strict():
+def test_dominates_is_strict_in_each_direction():
     assert dominates((0.5, 1.0), (0.4, 1.0))
     assert dominates((0.5, 1.0), (0.5, 2.0))
     assert not dominates((0.5, 1.0), (0.5, 1.0))
     assert not dominates((0.6, 2.0), (0.5, 1.0))
+    assert dominates((1, 1, 5), (1, 2, 4), ("min", "min", "max"))
+    assert not dominates((1, 1, 5), (1, 2, 6), ("min", "min", "max"))
 
 
-def test_hypervolume_known_value():
-    # Front (0.2 @ 1), (0.5 @ 2) against reference (0, 4): 0.2*3 + 0.3*2.
+def test_a_bad_direction_is_named():
+    with pytest.raises(ValueError, match="'up'"):
+        pareto_front([(1, 2)], ("up", "min"))
+
+
+def test_hypervolume_known_values():
+    # Front (0.2 @ 1), (0.5 @ 2) against reference (0, 4): 0.2*3 + 0.3*2; (0.1 @ 3) is dominated.
     assert hypervolume([(0.2, 1.0), (0.5, 2.0), (0.1, 3.0)], (0.0, 4.0)) == pytest.approx(1.2)
+    # Beyond the reference adds nothing; nothing at all is 0.
+    assert hypervolume([(0.5, 5.0)], (0.0, 4.0)) == 0.0 and hypervolume([], (0.0, 4.0)) == 0.0
+    # 3-D, all minimised against (4, 4, 4): three boxes of 3x1x1 (in turn along each axis) whose pairwise and
+    # triple overlaps are all the same unit cube [3, 4]^3: 3 * 3 - 3 * 1 + 1 = 7.
+    assert hypervolume([(1, 3, 3), (3, 1, 3), (3, 3, 1)], (4, 4, 4), ("min", "min", "min")) == pytest.approx(7)
+    # Mixed: AP up, GFLOPs down, params down; one point (0.5, 2, 3) against (0, 4, 5): 0.5 x 2 x 2.
+    assert hypervolume([(0.5, 2, 3)], (0, 4, 5), ("max", "min", "min")) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("seed", range(50))
-def test_hypervolume_matches_grid_count(seed):
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("directions", [("max", "min"), ("max", "min", "min")], ids="-".join)
+def test_hypervolume_matches_a_cell_count(seed, directions):
+    """On an integer grid, the volume is the number of unit cells some point dominates."""
     rng = random.Random(seed)
-    points = [(rng.randint(0, 10) / 10, rng.randint(0, 10)) for _ in range(rng.randint(1, 12))]
-    ref = (0.0, 10.0)
-    # Count unit cells (AP step 0.1, GFLOPs step 1) dominated by some point.
-    cells = sum(
-        1 for a in range(10) for f in range(10)
-        if any(p[0] >= (a + 1) / 10 - 1e-9 and p[1] <= f for p in points))
-    assert hypervolume(points, ref) == pytest.approx(cells * 0.1)
+    size = 6
+    points = [tuple(rng.randint(0, size) for _ in directions) for _ in range(rng.randint(1, 10))]
+    reference = tuple(0 if d == "max" else size for d in directions)
+
+    def covers(point, cell):  # the cell spans [c, c+1] in each objective
+        return all(p >= c + 1 if d == "max" else p <= c for p, c, d in zip(point, cell, directions))
+
+    cells = sum(1 for cell in itertools.product(range(size), repeat=len(directions))
+                if any(covers(point, cell) for point in points))
+    assert hypervolume(points, reference, directions) == pytest.approx(cells)
