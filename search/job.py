@@ -7,10 +7,13 @@ from typing import Any
 
 import yaml
 
-from spaces import SPACES, fixed_value_problems
+from spaces import SPACES, fixed_value_problems, make_space
 from trainers.recipe import TrainConfig
 from trainers.validate import CHECK_MODES
 from trainers.typed import ConfigError, from_mapping
+
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 
 class JobError(ValueError):
@@ -47,10 +50,13 @@ class SearchConfig:
     trials: int = 8
     max_concurrent_trials: int = 1
     seed: int = 0
+    sampler: str = "tpe"  # tpe (multivariate) | nsga2 | gp | random; each seeded with `seed`
     max_gflops: float | None = None  # configurations above this are rejected before training
     # Parameters of the space held at one value, e.g. {image_size: 512}: Optuna's PartialFixedSampler
     # hands the space these values and samples the rest.
     fixed: dict[str, Any] = field(default_factory=dict)
+    # The compound space's bounds: {preset: gpu | cpu, ...any CompoundBounds field} (spaces/compound.py).
+    bounds: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,11 +120,20 @@ def _check_values(job: Job, source: str) -> None:
             problems.append(f"job.search.{key}: must be >= 1")
     if job.search.max_gflops is not None and job.search.max_gflops <= 0:
         problems.append("job.search.max_gflops: must be > 0")
+    if job.search.sampler not in SAMPLERS:
+        problems.append(f"job.search.sampler: must be one of {', '.join(SAMPLERS)}, got {job.search.sampler!r}")
+    if not isinstance(job.search.bounds, dict):
+        problems.append(f"job.search.bounds: must be a mapping, got {job.search.bounds!r}")
+    elif job.search.space in SPACES:
+        try:
+            make_space(job.search.space, job.search.bounds)
+        except ConfigError as err:
+            problems.append(str(err))
     if not isinstance(job.search.fixed, dict):
         problems.append(f"job.search.fixed: must be a mapping of parameter: value, got {job.search.fixed!r}")
-    elif job.search.space in SPACES:
+    elif job.search.space in SPACES and not problems:
         problems.extend(f"job.search.fixed.{problem}" for problem in
-                        fixed_value_problems(job.search.space, job.search.fixed))
+                        fixed_value_problems(job.search.space, job.search.fixed, job.search.bounds))
     for key in ("workers_per_trial", "cpus_per_worker"):
         if getattr(job.resources, key) < 1:
             problems.append(f"job.resources.{key}: must be >= 1")

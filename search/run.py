@@ -23,7 +23,7 @@ from search.progress import ProgressPrinter
 from search.tracking import DEFAULT_STORE, close_open_runs, ensure_experiment, tracking_uri
 from search.trainable import DRIVER_CPUS, TrialSetup, run_trial
 from search.trial_runs import MlflowTrialLogger
-from spaces import METRICS, MODES, SPACES
+from spaces import METRICS, MODES, make_space
 from trainers.annotations import TrainingData
 from trainers.validate import DataError, load_training_data
 
@@ -106,10 +106,21 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
 
 
 def _sampler(job: Job) -> optuna.samplers.BaseSampler:
-    sampler = optuna.samplers.TPESampler(seed=job.search.seed, n_startup_trials=max(2, job.search.trials // 3))
-    if job.search.fixed:
-        with warnings.catch_warnings():  # "experimental since v2.4": stable for years, and documented
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    """The job's Optuna sampler, seeded; search.fixed holds its parameters through PartialFixedSampler."""
+    seed, trials = job.search.seed, job.search.trials
+    startup = max(2, trials // 3)  # random proposals before the model-based samplers take over
+    with warnings.catch_warnings():  # multivariate TPE and PartialFixedSampler are "experimental", for years
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if job.search.sampler == "tpe":
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+        elif job.search.sampler == "gp":
+            sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        elif job.search.sampler == "nsga2":
+            # NSGA-II's default population of 50 would leave a search of tens of trials in its first generation.
+            sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, trials // 4)))
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        if job.search.fixed:
             return optuna.samplers.PartialFixedSampler(job.search.fixed, sampler)
     return sampler
 
@@ -125,7 +136,7 @@ def _check_fits(job: Job, data: TrainingData) -> None:
 
 def _space(job: Job):
     """The job's search space; with pretrained backbone weights, the backbone is held at their size."""
-    space = SPACES[job.search.space]
+    space = make_space(job.search.space, job.search.bounds)
     if not job.model.backbone_weights:
         return space
     from trainers.pretrained import read_backbone_weights, standard_backbone_of

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import functools
+
 import optuna
+
+from spaces.compound import compound, compound_bounds
+from trainers.typed import ConfigError
 
 Space = Callable[..., dict[str, Any]]
 # (backbone_family, width, depth) of a pretrained backbone: the space then keeps the backbone at that size,
@@ -75,24 +80,33 @@ def efficientdet(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> 
     return {"spec": spec}
 
 
-SPACES: dict[str, Space] = {"lite_cpu": lite_cpu, "efficientdet": efficientdet}
+SPACES: dict[str, Space] = {"lite_cpu": lite_cpu, "efficientdet": efficientdet, "compound": compound}
 
 
-def space_parameters(name: str) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The named space's parameters and their distributions, found by running it once on a throwaway trial."""
+def make_space(name: str, bounds: dict | None = None) -> Space:
+    """The named space, with the job file's bounds where the space takes them (compound)."""
+    if name == "compound":
+        return functools.partial(compound, bounds=compound_bounds(bounds or {}))
+    if bounds:
+        raise ConfigError(f"job.search.bounds: only the compound space takes bounds, not {name}")
+    return SPACES[name]
+
+
+def space_parameters(space: Space) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The space's parameters and their distributions, found by running it once on a throwaway trial."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # an in-memory study announces itself at INFO
     try:
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     finally:
         optuna.logging.set_verbosity(verbosity)
-    SPACES[name](trial)
+    space(trial)
     return dict(trial.distributions)
 
 
-def fixed_value_problems(name: str, fixed: dict[str, Any]) -> list[str]:
+def fixed_value_problems(name: str, fixed: dict[str, Any], bounds: dict | None = None) -> list[str]:
     """What is wrong with holding the named space's parameters at `fixed`: one "key: reason" line each."""
-    distributions = space_parameters(name)
+    distributions = space_parameters(make_space(name, bounds))
     problems = []
     for key, value in fixed.items():
         distribution = distributions.get(key)

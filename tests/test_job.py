@@ -45,6 +45,7 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"train": ["lr: -1"]}, "job.train.lr: must be > 0"),
     ({"resources": ["gpus_per_worker: -1"]}, "job.resources.gpus_per_worker: must be >= 0"),
     ({"colour": ["x: 1"]}, "job.colour: unknown key"),
+    ({"search": ["sampler: cma"]}, "job.search.sampler: must be one of tpe, nsga2, gp, random, got 'cma'"),
     ({"search": ["fixed: 512"]}, "job.search.fixed: must be a mapping of parameter: value, got 512"),
     ({"search": ["fixed: {size: 512}"]}, "job.search.fixed.size: not a parameter of the lite_cpu space (its "
                                           "parameters: phi, fpn_channels, fpn_repeats)"),
@@ -172,3 +173,30 @@ def test_fixed_parameters_hold_while_the_rest_is_sampled(tmp_path, shapes):
         study.tell(trial, 0.0)
     assert {(spec["image_size"], spec["backbone_family"]) for spec in specs} == {(512, "efficientnet")}
     assert len({spec["fpn_channels"] for spec in specs}) > 1
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_each_sampler_is_seeded_and_proposes_from_the_space(tmp_path, shapes, sampler):
+    """Two studies with the same job propose the same configurations, on both objectives, past the random
+    start-up trials; a different seed proposes others."""
+    import optuna
+
+    from search.run import _sampler, _space
+
+    def proposals(seed):
+        path = tmp_path / f"job{seed}.yaml"
+        path.write_text(_job_text(shapes, search=["trials: 6", f"seed: {seed}", f"sampler: {sampler}"]))
+        job = load_job(path)
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=_sampler(job))
+        specs = []
+        for _ in range(job.search.trials):
+            trial = study.ask()
+            spec = _space(job)(trial)["spec"]
+            specs.append(spec)
+            study.tell(trial, (spec["fpn_channels"] / 64 - spec["image_size"] / 1000, spec["fpn_repeats"]))
+        return specs
+
+    first = proposals(0)
+    assert first == proposals(0)
+    assert first != proposals(1)
+    assert all(spec["image_size"] in (160, 192) and 32 <= spec["fpn_channels"] <= 64 for spec in first)

@@ -1,0 +1,142 @@
+"""The `compound` space: the EfficientDet paper's scaling rules with their coefficients searched, not fixed.
+
+The paper scales every part with one phi and hand-set constants: backbone depth alpha^phi, width beta^phi and
+resolution gamma^phi with alpha * beta^2 * gamma^2 ~ 2 (1.2, 1.1, 1.15); BiFPN width 64 * 1.35^phi, BiFPN
+depth 3 + phi, head depth 3 + floor(phi / 3). Here phi and the coefficients are all searched around those
+values, within bounds the job file sets (a GPU-sized default, and a CPU-sized variant that differs only in
+its bounds and base).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+
+from trainers.typed import ConfigError, from_mapping
+
+# alpha * beta^2 * gamma^2: the compound-scaling constraint (FLOPs about double per unit of phi).
+FLOPS_GROWTH = 2.0
+
+
+@dataclass(frozen=True)
+class CompoundBounds:
+    """The compound space's base model and search bounds; (low, high) pairs are inclusive."""
+
+    backbone_family: str = "efficientnet"
+    base_width: float = 1.0
+    base_depth: float = 1.0
+    base_resolution: int = 512
+    phi: tuple[float, float] = (0.0, 3.0)
+    phi_step: float = 0.5
+    alpha: tuple[float, float] = (1.05, 1.35)  # depth; the paper's 1.2
+    beta: tuple[float, float] = (1.0, 1.2)  # width; the paper's 1.1
+    fpn_width_base: tuple[int, int] = (48, 96)  # BiFPN channels at phi = 0; the paper's 64
+    fpn_width_growth: tuple[float, float] = (1.2, 1.5)  # per unit of phi; the paper's 1.35
+    fpn_depth_base: tuple[int, int] = (2, 4)  # BiFPN cells at phi = 0; the paper's 3
+    fpn_depth_slope: tuple[float, float] = (0.5, 1.5)  # cells per unit of phi; the paper's 1
+    head_depth_base: tuple[int, int] = (2, 4)  # box/class head repeats at phi = 0; the paper's 3
+    max_level: int = 7
+    anchor_scale: float = 4.0
+    # The paper keeps anchor_scale at 4 for every resolution; below 512 px that leaves most small objects
+    # matching no anchor (DESIGN.md), so the CPU variant scales it with the input.
+    scale_anchors: bool = False
+    bn_momentum: float = 0.01
+    drop_path_rate: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("phi", "alpha", "beta", "fpn_width_base", "fpn_width_growth", "fpn_depth_base",
+                     "fpn_depth_slope", "head_depth_base"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ConfigError(f"{name}: low {low} is above high {high}")
+        if self.phi[0] < 0:
+            raise ConfigError(f"phi: must be >= 0, got {self.phi[0]}")
+        if self.phi_step <= 0:
+            raise ConfigError(f"phi_step: must be > 0, got {self.phi_step}")
+        if self.alpha[0] < 1 or self.beta[0] < 1:
+            raise ConfigError(f"{'alpha' if self.alpha[0] < 1 else 'beta'}: must be >= 1 (scaling up never shrinks)")
+        # gamma is derived from alpha and beta; it must stay >= 1, or a larger phi would shrink the input.
+        if self.alpha[1] * self.beta[1] ** 2 > FLOPS_GROWTH:
+            raise ConfigError(f"alpha, beta: alpha * beta^2 reaches {self.alpha[1] * self.beta[1] ** 2:.3f} at their "
+                              f"upper bounds, above {FLOPS_GROWTH:g}, which would leave gamma below 1")
+        if self.fpn_width_base[0] < 8 or self.fpn_depth_base[0] < 1 or self.head_depth_base[0] < 1:
+            raise ConfigError("fpn_width_base, fpn_depth_base, head_depth_base: must be at least 8, 1 and 1")
+
+
+# The CPU-sized variant (what the lite_cpu space is for): EfficientDet-Lite at half width and depth, 160 px,
+# up to P5, and a BiFPN narrow enough to train in minutes on 2 cores.
+CPU_BOUNDS = CompoundBounds(
+    backbone_family="efficientnet_lite", base_width=0.5, base_depth=0.5, base_resolution=160, phi=(0.0, 1.0),
+    phi_step=0.25, fpn_width_base=(24, 48), fpn_depth_base=(1, 2), fpn_depth_slope=(0.5, 1.5),
+    head_depth_base=(2, 2), max_level=5, anchor_scale=1.875, scale_anchors=True, bn_momentum=0.1, drop_path_rate=0.1)
+
+
+BOUNDS_PRESETS = {"gpu": CompoundBounds(), "cpu": CPU_BOUNDS}
+
+
+def compound_bounds(raw: Any, where: str = "job.search.bounds") -> CompoundBounds:
+    """A job file's bounds: `preset` (gpu, the default, or cpu) with any of its fields overridden."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    overrides = dict(raw)
+    preset = overrides.pop("preset", "gpu")
+    if preset not in BOUNDS_PRESETS:
+        raise ConfigError(f"{where}.preset: must be one of {', '.join(BOUNDS_PRESETS)}, got {preset!r}")
+    unknown = sorted(set(overrides) - set(asdict(CPU_BOUNDS)))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (expected preset or one of: "
+                          f"{', '.join(asdict(CPU_BOUNDS))})")
+    return from_mapping(CompoundBounds, {**asdict(BOUNDS_PRESETS[preset]), **overrides}, where)
+
+
+def gamma_of(alpha: float, beta: float) -> float:
+    """The resolution coefficient that makes alpha * beta^2 * gamma^2 exactly FLOPS_GROWTH.
+
+    Derived rather than searched and rejected: one coefficient fewer to search, and no proposal is wasted on a
+    combination that breaks the constraint.
+    """
+    return math.sqrt(FLOPS_GROWTH / (alpha * beta ** 2))
+
+
+def compound(trial: optuna.Trial, backbone: tuple[str, float, float] | None = None,
+             bounds: CompoundBounds = CompoundBounds()) -> dict[str, Any]:
+    """phi, the backbone's alpha and beta (gamma derived), and the BiFPN's and heads' scaling rules.
+
+    With a pretrained `backbone` (family, width, depth) the backbone stays at that size; phi then scales
+    resolution, BiFPN and heads, and alpha and beta are not searched.
+    """
+    b = bounds
+    phi = trial.suggest_float("phi", b.phi[0], b.phi[1], step=b.phi_step)
+    if backbone is None:
+        alpha = trial.suggest_float("alpha", *b.alpha)
+        beta = trial.suggest_float("beta", *b.beta)
+        family, width, depth = b.backbone_family, round(b.base_width * beta ** phi, 3), round(b.base_depth * alpha ** phi, 3)
+        gamma = gamma_of(alpha, beta)
+    else:
+        family, width, depth = backbone
+        gamma = gamma_of(1.2, 1.1)  # the paper's resolution coefficient
+    stride = 2 ** b.max_level
+    image_size = max(stride, stride * round(b.base_resolution * gamma ** phi / stride))
+    width_base = trial.suggest_int("fpn_width_base", *b.fpn_width_base, step=8)
+    growth = trial.suggest_float("fpn_width_growth", *b.fpn_width_growth)
+    depth_base = trial.suggest_int("fpn_depth_base", *b.fpn_depth_base)
+    slope = trial.suggest_float("fpn_depth_slope", *b.fpn_depth_slope, step=0.25)
+    head_base = trial.suggest_int("head_depth_base", *b.head_depth_base)
+    spec = {
+        "backbone_family": family,
+        "backbone_width": width,
+        "backbone_depth": depth,
+        "image_size": image_size,
+        "fpn_channels": max(8, 8 * round(width_base * growth ** phi / 8)),
+        "fpn_repeats": max(1, round(depth_base + slope * phi)),
+        "head_repeats": head_base + math.floor(phi / 3),  # the paper's head rule, from a searched base
+        "min_level": 3,
+        "max_level": b.max_level,
+        "anchor_scale": round(b.anchor_scale * (image_size / b.base_resolution if b.scale_anchors else 1.0), 3),
+        "fusion": "fastattn",
+        "bn_momentum": b.bn_momentum,
+        "drop_path_rate": b.drop_path_rate,
+    }
+    return {"spec": spec}
