@@ -135,6 +135,8 @@ def _run_and_report(job, address=None):
     print(f"\n{outcome.finished} trials finished, {outcome.failed} did not train. "
           f"Frontier (parent run {outcome.parent_run_id}):")
     print(format_table(outcome.frontier))
+    if outcome.finished == 0 and outcome.failed == 0:
+        raise SearchFailed(f"no trial started: {outcome.first_error or 'the searcher proposed nothing'}")
     if outcome.finished == 0:  # the frontier may still hold an earlier search's trials
         reason = f" (first failure: {outcome.first_error})" if outcome.first_error else ""
         raise SearchFailed(f"no trial of {outcome.finished + outcome.failed} finished training{reason}")

@@ -15,11 +15,11 @@ import optuna
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from search.frontier import TrialPoint, record_frontier
 from search.job import Job, JobError
 from search.progress import ProgressPrinter
+from search.searcher import BudgetedOptunaSearch, GflopsCounter
 from search.tracking import DEFAULT_STORE, close_open_runs, ensure_experiment, tracking_uri
 from search.trainable import DRIVER_CPUS, TrialSetup, run_trial
 from search.trial_runs import MlflowTrialLogger
@@ -36,6 +36,8 @@ class SearchOutcome:
     finished: int
     failed: int
     first_error: str = ""  # the first failed trial's one-line reason
+    # With search.max_gflops: the share of the sampler's proposals within budget, first and second half.
+    feasible_share: tuple[float, float] | None = None
 
 
 def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE,
@@ -69,9 +71,9 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         storage_path = str(store.resolve() / "ray")
         setup = TrialSetup(job=job, data=data, storage_path=storage_path)
         _start_ray(ray_address)
-        searcher = OptunaSearch(
-            space, metric=METRICS, mode=MODES,
-            sampler=_sampler(job),
+        searcher = BudgetedOptunaSearch(
+            space, gflops_of=GflopsCounter(data.train.num_classes), max_gflops=job.search.max_gflops,
+            metric=METRICS, mode=MODES, sampler=_sampler(job),
             study_name=job.name, storage=_optuna_storage(store.resolve() / "optuna.journal"))
         logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs)
         progress = ProgressPrinter(job.search.trials, job.train.epochs)
@@ -90,6 +92,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         except KeyboardInterrupt:
             status = children_status = "KILLED"
             raise
+        finally:
+            feasible_share = _record_proposals(client, parent_id, searcher, say)
         status = "FINISHED"
     finally:
         # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
@@ -101,12 +105,29 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         finally:
             client.set_terminated(parent_id, status)
     failed = [r for r in results if r.error is not None]
-    first_error = str(failed[0].error).strip().splitlines()[-1] if failed else ""
-    return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error)
+    first_error = str(failed[0].error).strip().splitlines()[-1] if failed else searcher.exhausted
+    return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error,
+                         feasible_share)
+
+
+def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOptunaSearch,
+                      say: Callable[[str], None]) -> tuple[float, float] | None:
+    """How many proposals the budget turned away, on the parent run and the console."""
+    infeasible = sum(not ok for _, ok in searcher.proposals)
+    share = searcher.feasible_share()
+    if not infeasible or share is None:
+        return share
+    client.log_metric(parent_id, "infeasible_proposals", infeasible)
+    client.log_metric(parent_id, "feasible_share_first_half", share[0])
+    client.log_metric(parent_id, "feasible_share_second_half", share[1])
+    say(f"budget: {infeasible} of {len(searcher.proposals)} proposals were over max_gflops and never started; "
+        f"within budget: {share[0]:.0%} of the first half, {share[1]:.0%} of the second")
+    return share
 
 
 def _sampler(job: Job) -> optuna.samplers.BaseSampler:
-    """The job's Optuna sampler, seeded; search.fixed holds its parameters through PartialFixedSampler."""
+    """The job's Optuna sampler, seeded; search.fixed holds its parameters through PartialFixedSampler. The
+    budget reaches the samplers as a constraint on each trial (search/searcher.py)."""
     seed, trials = job.search.seed, job.search.trials
     startup = max(2, trials // 3)  # random proposals before the model-based samplers take over
     with warnings.catch_warnings():  # multivariate TPE and PartialFixedSampler are "experimental", for years

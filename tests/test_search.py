@@ -10,8 +10,8 @@ from search.job import parse_job
 from search.promote import PREVIOUS, PRODUCTION, promote
 from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
 
-# GFLOPs. With seed 1, the sampler's two random start-up proposals cost 0.072 and 0.045 GFLOPs, so one is
-# rejected over budget and one trains, whatever the sampler makes of the third.
+# GFLOPs. With seed 1, the sampler's first random proposal costs 0.072 GFLOPs: over budget, so it never
+# becomes a trial.
 BUDGET = 0.06
 
 
@@ -57,14 +57,13 @@ def test_trained_trials_have_per_epoch_metrics_and_params(searched):
         assert run.data.tags[FULL_BUDGET_TAG] == "true"
 
 
-def test_over_budget_trials_are_rejected_without_training(searched):
+def test_over_budget_proposals_never_become_trials(searched):
+    """Seed 1's first proposal (0.072 GFLOPs) is over the budget: it is answered in the driver, so every
+    child run is a trained, in-budget configuration (the count is tested in test_an_over_budget_proposal...)."""
     outcome, client, job = searched
-    rejected = [r for r in _children(client, outcome) if r.info.status == "FAILED"]
-    assert rejected, "seed 1 proposes at least one configuration over the budget"
-    for run in rejected:
-        assert "exceeds the budget of 0.06 GFLOPs" in run.data.tags["effsearch.error"]
-        assert "map" not in run.data.metrics and "epoch_s" not in run.data.metrics
-    assert outcome.failed == len(rejected)
+    children = _children(client, outcome)
+    assert outcome.failed == 0 and all(r.info.status == "FINISHED" for r in children)
+    assert all(r.data.metrics["gflops"] <= BUDGET for r in children)
 
 
 def test_frontier_is_tagged_and_attached(searched):
@@ -254,7 +253,7 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, shapes):
     assert children and all(r.info.status in ("KILLED", "FAILED") for r in children)
 
 
-def test_a_search_in_which_no_trial_finished_exits_1_with_one_line(tmp_path, shapes, monkeypatch, capsys):
+def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, shapes, monkeypatch, capsys):
     import ray
     import yaml
 
@@ -269,8 +268,8 @@ def test_a_search_in_which_no_trial_finished_exits_1_with_one_line(tmp_path, sha
     finally:
         ray.shutdown()
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("effsearch: error: no trial of 2 finished training (first failure: ")
-    assert "exceeds the budget of 0.001 GFLOPs" in err
+    assert "\n" not in err and err.startswith("effsearch: error: no trial started: 500 proposals in a row were "
+                                               "above search.max_gflops 0.001 (the cheapest 0.045 GFLOPs)")
 
 
 def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path):
@@ -303,3 +302,59 @@ def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path
     console = done.stdout + done.stderr  # Ray prints the raylet's lines on the driver's stdout
     assert done.returncode == 0, console[-2000:]
     assert "PYTHON worker processes" not in console, console[-2000:]
+
+
+def _instant_trial(config, *, setup):
+    """Stands in for training, for tests of the search machinery: reports the proposal's real GFLOPs and an
+    AP that falls as they rise, at once."""
+    from ray import tune
+
+    from search.searcher import GflopsCounter
+
+    gflops = GflopsCounter(setup.data.train.num_classes)(config["spec"])
+    tune.report({"epoch": 1, "loss": 1.0, "map": 0.5 - gflops, "gflops": gflops, "full_budget": 1})
+
+
+class _TrialStarts(tune.Callback):
+    def __init__(self):
+        self.specs = []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.specs.append(trial.config["spec"])
+
+
+def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
+    """A budget of 0.063 GFLOPs rules out 15 of lite_cpu's 27 configurations. Every trial Ray starts is within
+    it, all 8 requested trials train, and Optuna holds each turned-away proposal as PRUNED and infeasible."""
+    import sys
+
+    import optuna
+    import ray
+
+    from search.run import _optuna_storage, run_search
+    from search.searcher import GflopsCounter
+    from search.searcher import STATE_ATTR
+
+    # Ray's workers cannot import this test module: send its stand-in trainable by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    starts = _TrialStarts()
+    raw = _raw(shapes, "budget", search={"trials": 8, "max_concurrent_trials": 2, "max_gflops": 0.063},
+               train={"epochs": 1})
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                             trainable=_instant_trial, callbacks=[starts])
+    finally:
+        ray.shutdown()
+        patch.undo()
+    gflops_of = GflopsCounter(3)
+    assert len(starts.specs) == 8 and outcome.finished == 8
+    assert all(gflops_of(spec) <= 0.063 for spec in starts.specs)
+    study = optuna.load_study(study_name="budget", storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
+    infeasible = [t for t in study.trials if t.user_attrs.get(STATE_ATTR) == "infeasible"]
+    assert infeasible and all(t.state == optuna.trial.TrialState.PRUNED for t in infeasible)
+    assert all(t.user_attrs["gflops"] > 0.063 for t in infeasible)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 8
+    first, second = outcome.feasible_share
+    print(f"feasible share: first half {first:.2f}, second half {second:.2f}, {len(infeasible)} turned away")
