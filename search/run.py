@@ -112,7 +112,12 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
 
 def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOptunaSearch,
                       say: Callable[[str], None]) -> tuple[float, float] | None:
-    """How many proposals the budget turned away, on the parent run and the console."""
+    """How many proposals were turned away (over budget, or repeats), on the parent run and the console."""
+    if searcher.repeats:
+        client.log_metric(parent_id, "repeated_proposals", searcher.repeats)
+        say(f"search: {searcher.repeats} proposals repeated a trained configuration and reused its results")
+    if searcher.exhausted:
+        say(f"search ended early: {searcher.exhausted}")
     infeasible = sum(not ok for _, ok in searcher.proposals)
     share = searcher.feasible_share()
     if not infeasible or share is None:

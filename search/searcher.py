@@ -1,10 +1,14 @@
-"""Ray's OptunaSearch with the FLOPs budget applied to each proposal, so an over-budget one never starts a trial.
+"""Ray's OptunaSearch with each proposal checked in the driver: one over the FLOPs budget, or one already trained
+in this search, never starts a trial.
 
 Written here because neither library has it: Ray's searcher has no hook between a proposal and a trial start,
 and Optuna's samplers only learn a constraint from a trial that was told. Every proposal gets its GFLOPs over
 the budget as an Optuna constraint (`Trial.set_constraint`: feasible at <= 0), and an over-budget one is
 told at once, as PRUNED, so TPE, NSGA-II and GP rank it infeasible and steer away from it. Optuna gets its
 own state and the true cost, never a made-up objective value. Then the searcher asks again.
+
+A proposal equal to a configuration that already finished training in this search is told to Optuna with
+that trial's own results (COMPLETE, tagged with the trial it repeats) and is not trained again.
 """
 from __future__ import annotations
 
@@ -42,15 +46,18 @@ class GflopsCounter:
 
 
 class BudgetedOptunaSearch(OptunaSearch):
-    """OptunaSearch whose suggest() only returns configurations within max_gflops; `proposals` keeps
-    (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are over budget it ends the
-    search (Searcher.FINISHED) and says why in `exhausted`."""
+    """OptunaSearch whose suggest() only returns in-budget configurations not trained before; `proposals`
+    keeps (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are turned away it ends
+    the search (Searcher.FINISHED) and says why in `exhausted`."""
 
     def __init__(self, space, *, gflops_of: Callable[[dict], float], max_gflops: float | None, **kwargs):
         super().__init__(space, **kwargs)
         self._gflops_of, self._max_gflops = gflops_of, max_gflops
         self.proposals: list[tuple[float, bool]] = []
+        self.repeats = 0  # proposals answered with an earlier trial's results
         self.exhausted = ""
+        self._key_of: dict[str, str] = {}  # Tune trial id -> its configuration's key
+        self._trained: dict[str, tuple[list[float], int]] = {}  # key -> (objective values, Optuna trial number)
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         for _ in range(MAX_PROPOSALS):
@@ -62,14 +69,30 @@ class BudgetedOptunaSearch(OptunaSearch):
             if self._max_gflops is not None:
                 ot_trial.set_constraint(BUDGET_CONSTRAINT, gflops - self._max_gflops)
             self.proposals.append((gflops, feasible))
-            if feasible:
+            key = json.dumps(config, sort_keys=True)
+            if feasible and key not in self._trained:
+                self._key_of[trial_id] = key
                 return config
-            ot_trial.set_user_attr(STATE_ATTR, "infeasible")
-            self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.PRUNED)
-        cheapest = min(gflops for gflops, _ in self.proposals[-MAX_PROPOSALS:])
-        self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were above search.max_gflops {self._max_gflops:g} "
-                          f"(the cheapest {cheapest:.3f} GFLOPs): raise the budget or narrow the space")
+            ot_trial = self._ot_trials.pop(trial_id)
+            if not feasible:
+                ot_trial.set_user_attr(STATE_ATTR, "infeasible")
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            else:
+                values, number = self._trained[key]
+                ot_trial.set_user_attr("effsearch.repeats_trial", number)
+                self._ot_study.tell(ot_trial, values)
+                self.repeats += 1
+        self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were above search.max_gflops or already trained "
+                          f"(the cheapest {min(g for g, _ in self.proposals[-MAX_PROPOSALS:]):.3f} GFLOPs): "
+                          f"raise the budget, widen the space, or ask for fewer trials")
         return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        super().on_trial_complete(trial_id, result, error)
+        values = [result.get(metric) for metric in self.metric] if result and not error else []
+        if ot_trial is not None and trial_id in self._key_of and values and None not in values:
+            self._trained[self._key_of[trial_id]] = (values, ot_trial.number)
 
     def feasible_share(self) -> tuple[float, float] | None:
         """The share of feasible proposals in the first and the second half of the search."""

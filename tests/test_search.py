@@ -268,8 +268,9 @@ def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, sha
     finally:
         ray.shutdown()
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("effsearch: error: no trial started: 500 proposals in a row were "
-                                               "above search.max_gflops 0.001 (the cheapest 0.045 GFLOPs)")
+    assert "\n" not in err, err
+    assert err.startswith("effsearch: error: no trial started: 500 proposals in a row were above "
+                          "search.max_gflops or already trained (the cheapest 0.045 GFLOPs)")
 
 
 def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path):
@@ -355,6 +356,41 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
     infeasible = [t for t in study.trials if t.user_attrs.get(STATE_ATTR) == "infeasible"]
     assert infeasible and all(t.state == optuna.trial.TrialState.PRUNED for t in infeasible)
     assert all(t.user_attrs["gflops"] > 0.063 for t in infeasible)
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 8
+    trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+               and "effsearch.repeats_trial" not in t.user_attrs]  # repeats are told the results of these
+    assert len(trained) == 8
     first, second = outcome.feasible_share
     print(f"feasible share: first half {first:.2f}, second half {second:.2f}, {len(infeasible)} turned away")
+
+
+def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_again(tmp_path, shapes):
+    """search.fixed leaves 3 configurations (fpn_repeats 1..3) and the job asks for 4 trials: each
+    configuration trains once; proposals that repeat one are told to Optuna with its results, and when
+    nothing new is left the search ends and says why."""
+    import sys
+
+    import optuna
+    import ray
+
+    from search.run import _optuna_storage, run_search
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    starts = _TrialStarts()
+    raw = _raw(shapes, "repeats", search={"trials": 4, "fixed": {"phi": 0.0, "fpn_channels": 32}},
+               train={"epochs": 1})
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                             trainable=_instant_trial, callbacks=[starts])
+    finally:
+        ray.shutdown()
+        patch.undo()
+    assert sorted(spec["fpn_repeats"] for spec in starts.specs) == [1, 2, 3]
+    assert outcome.finished == 3 and "already trained" in outcome.first_error
+    study = optuna.load_study(study_name="repeats", storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
+    repeats = [t for t in study.trials if "effsearch.repeats_trial" in t.user_attrs]
+    assert repeats and all(t.state == optuna.trial.TrialState.COMPLETE for t in repeats)
+    for trial in repeats:
+        original = study.trials[trial.user_attrs["effsearch.repeats_trial"]]
+        assert trial.params == original.params and trial.values == original.values
