@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from search.states import INFEASIBLE, STATE_TAG
 from trainers.cost import model_cost
 from trainers.spec import ModelSpec
 
 GFLOPS_ATTR = "gflops"
-STATE_ATTR = "effsearch.state"
 BUDGET_CONSTRAINT = "gflops_over_budget"
 # Proposals in a row over budget before the search gives up on the space.
 MAX_PROPOSALS = 500
@@ -75,7 +75,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                 return config
             ot_trial = self._ot_trials.pop(trial_id)
             if not feasible:
-                ot_trial.set_user_attr(STATE_ATTR, "infeasible")
+                ot_trial.set_user_attr(STATE_TAG, INFEASIBLE)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             else:
                 values, number = self._trained[key]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from search.states import FAILED, STATE_TAG
+
 DEFAULT_STORE = Path(".effsearch")
 TRIAL_ID_TAG = "effsearch.trial_id"
 FULL_BUDGET_TAG = "effsearch.full_budget"  # "true" only when the trial ran every epoch it was given
@@ -47,5 +49,6 @@ def close_open_runs(client: MlflowClient, experiment_id: str, parent_run_id: str
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
         max_results=10_000)
     for run in open_runs:
+        client.set_tag(run.info.run_id, STATE_TAG, FAILED)  # it did not finish, whatever stopped it
         client.set_terminated(run.info.run_id, status)
     return len(open_runs)

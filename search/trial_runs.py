@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from search.logged_model import log_model
+from search.states import COMPLETE, FAILED, PRUNED, STATE_TAG
 from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, PARENT_TAG, TRIAL_ID_TAG
 
 # Per-epoch metrics worth a curve in the UI. Accuracy keys arrive only in epochs that were evaluated.
@@ -58,12 +59,15 @@ class MlflowTrialLogger(Callback):
         if result.get("latency_device"):
             self.client.set_tag(run_id, "effsearch.latency_device", str(result["latency_device"]))
         checkpoint_path = result.get("checkpoint_path")
+        state = COMPLETE if full else PRUNED  # a trial that returned before its last epoch was stopped early
         if full and checkpoint_path:
             try:
                 log_model(run_id, checkpoint_path)
             except Exception as err:  # the metrics are recorded; a model that fails to log must not lose them
                 self.client.set_tag(run_id, FULL_BUDGET_TAG, "false")
                 self.client.set_tag(run_id, ERROR_TAG, f"logging the model failed: {err}"[:4000])
+                state = FAILED
+        self.client.set_tag(run_id, STATE_TAG, state)
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -72,6 +76,7 @@ class MlflowTrialLogger(Callback):
         reason = error_summary(trial)
         if reason:
             self.client.set_tag(run_id, ERROR_TAG, reason[:4000])
+        self.client.set_tag(run_id, STATE_TAG, FAILED)
         self.client.set_terminated(run_id, "FAILED")
 
 

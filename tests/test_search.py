@@ -8,6 +8,7 @@ from ray import tune
 from search.frontier import compute_frontier, finished_trials
 from search.job import parse_job
 from search.promote import PREVIOUS, PRODUCTION, promote
+from search.states import COMPLETE, FAILED, STATE_TAG
 from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
 
 # GFLOPs. With seed 1, the sampler's first random proposal costs 0.072 GFLOPs: over budget, so it never
@@ -64,6 +65,7 @@ def test_over_budget_proposals_never_become_trials(searched):
     children = _children(client, outcome)
     assert outcome.failed == 0 and all(r.info.status == "FINISHED" for r in children)
     assert all(r.data.metrics["gflops"] <= BUDGET for r in children)
+    assert all(r.data.tags[STATE_TAG] == COMPLETE for r in children)
 
 
 def test_frontier_is_tagged_and_attached(searched):
@@ -127,6 +129,7 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         for run in children:
             assert run.info.status == "FAILED"
             assert re.search(r"loss became non-finite at epoch 1 step \d+", run.data.tags["effsearch.error"])
+            assert run.data.tags[STATE_TAG] == FAILED
 
 
 def _raw(shapes, name, **sections):
@@ -251,6 +254,7 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, shapes):
     children = [r for r in runs if PARENT_TAG in r.data.tags]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     assert children and all(r.info.status in ("KILLED", "FAILED") for r in children)
+    assert all(r.data.tags[STATE_TAG] == FAILED for r in children)
 
 
 def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, shapes, monkeypatch, capsys):
@@ -334,7 +338,7 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
 
     from search.run import _optuna_storage, run_search
     from search.searcher import GflopsCounter
-    from search.searcher import STATE_ATTR
+    from search.states import INFEASIBLE
 
     # Ray's workers cannot import this test module: send its stand-in trainable by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -353,7 +357,7 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
     assert len(starts.specs) == 8 and outcome.finished == 8
     assert all(gflops_of(spec) <= 0.063 for spec in starts.specs)
     study = optuna.load_study(study_name="budget", storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
-    infeasible = [t for t in study.trials if t.user_attrs.get(STATE_ATTR) == "infeasible"]
+    infeasible = [t for t in study.trials if t.user_attrs.get(STATE_TAG) == INFEASIBLE]
     assert infeasible and all(t.state == optuna.trial.TrialState.PRUNED for t in infeasible)
     assert all(t.user_attrs["gflops"] > 0.063 for t in infeasible)
     trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
