@@ -24,6 +24,7 @@ from trainers.cost import model_cost
 from trainers.spec import ModelSpec
 
 GFLOPS_ATTR = "gflops"
+REPEATS_ATTR = "effsearch.repeats_trial"  # on a repeated proposal: the Optuna number of the trial it repeats
 BUDGET_CONSTRAINT = "gflops_over_budget"
 # Proposals in a row over budget before the search gives up on the space.
 MAX_PROPOSALS = 500
@@ -79,7 +80,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             else:
                 values, number = self._trained[key]
-                ot_trial.set_user_attr("effsearch.repeats_trial", number)
+                ot_trial.set_user_attr(REPEATS_ATTR, number)
                 self._ot_study.tell(ot_trial, values)
                 self.repeats += 1
         self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were above search.max_gflops or already trained "

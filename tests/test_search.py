@@ -8,6 +8,7 @@ from ray import tune
 from search.frontier import compute_frontier, finished_trials
 from search.job import parse_job
 from search.promote import PREVIOUS, PRODUCTION, promote
+from search.searcher import REPEATS_ATTR
 from search.states import COMPLETE, FAILED, STATE_TAG
 from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
 
@@ -328,23 +329,19 @@ class _TrialStarts(tune.Callback):
         self.specs.append(trial.config["spec"])
 
 
-def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
-    """A budget of 0.063 GFLOPs rules out 15 of lite_cpu's 27 configurations. Every trial Ray starts is within
-    it, all 8 requested trials train, and Optuna holds each turned-away proposal as PRUNED and infeasible."""
+def _search_with_instant_trials(tmp_path, raw):
+    """A real search (local Ray, SQLite MLflow) whose trials report at once; returns (outcome, the specs of
+    the trials Ray started, the Optuna study)."""
     import sys
 
     import optuna
     import ray
 
     from search.run import _optuna_storage, run_search
-    from search.searcher import GflopsCounter
-    from search.states import INFEASIBLE
 
     # Ray's workers cannot import this test module: send its stand-in trainable by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     starts = _TrialStarts()
-    raw = _raw(shapes, "budget", search={"trials": 8, "max_concurrent_trials": 2, "max_gflops": 0.063},
-               train={"epochs": 1})
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
@@ -353,15 +350,30 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
     finally:
         ray.shutdown()
         patch.undo()
+    study = optuna.load_study(study_name=raw["name"],
+                              storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
+    return outcome, starts.specs, study
+
+
+def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
+    """A budget of 0.063 GFLOPs rules out 15 of lite_cpu's 27 configurations. Every trial Ray starts is within
+    it, all 8 requested trials train, and Optuna holds each turned-away proposal as PRUNED and infeasible."""
+    import optuna
+
+    from search.searcher import GflopsCounter
+    from search.states import INFEASIBLE
+
+    raw = _raw(shapes, "budget", search={"trials": 8, "max_concurrent_trials": 2, "max_gflops": 0.063},
+               train={"epochs": 1})
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw)
     gflops_of = GflopsCounter(3)
-    assert len(starts.specs) == 8 and outcome.finished == 8
-    assert all(gflops_of(spec) <= 0.063 for spec in starts.specs)
-    study = optuna.load_study(study_name="budget", storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
+    assert len(started) == 8 and outcome.finished == 8
+    assert all(gflops_of(spec) <= 0.063 for spec in started)
     infeasible = [t for t in study.trials if t.user_attrs.get(STATE_TAG) == INFEASIBLE]
     assert infeasible and all(t.state == optuna.trial.TrialState.PRUNED for t in infeasible)
     assert all(t.user_attrs["gflops"] > 0.063 for t in infeasible)
     trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-               and "effsearch.repeats_trial" not in t.user_attrs]  # repeats are told the results of these
+               and REPEATS_ATTR not in t.user_attrs]  # repeats are told the results of these
     assert len(trained) == 8
     first, second = outcome.feasible_share
     print(f"feasible share: first half {first:.2f}, second half {second:.2f}, {len(infeasible)} turned away")
@@ -371,30 +383,15 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
     """search.fixed leaves 3 configurations (fpn_repeats 1..3) and the job asks for 4 trials: each
     configuration trains once; proposals that repeat one are told to Optuna with its results, and when
     nothing new is left the search ends and says why."""
-    import sys
-
     import optuna
-    import ray
 
-    from search.run import _optuna_storage, run_search
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    starts = _TrialStarts()
     raw = _raw(shapes, "repeats", search={"trials": 4, "fixed": {"phi": 0.0, "fpn_channels": 32}},
                train={"epochs": 1})
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
-                             trainable=_instant_trial, callbacks=[starts])
-    finally:
-        ray.shutdown()
-        patch.undo()
-    assert sorted(spec["fpn_repeats"] for spec in starts.specs) == [1, 2, 3]
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw)
+    assert sorted(spec["fpn_repeats"] for spec in started) == [1, 2, 3]
     assert outcome.finished == 3 and "already trained" in outcome.first_error
-    study = optuna.load_study(study_name="repeats", storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
-    repeats = [t for t in study.trials if "effsearch.repeats_trial" in t.user_attrs]
+    repeats = [t for t in study.trials if REPEATS_ATTR in t.user_attrs]
     assert repeats and all(t.state == optuna.trial.TrialState.COMPLETE for t in repeats)
     for trial in repeats:
-        original = study.trials[trial.user_attrs["effsearch.repeats_trial"]]
+        original = study.trials[trial.user_attrs[REPEATS_ATTR]]
         assert trial.params == original.params and trial.values == original.values
