@@ -7,13 +7,14 @@ from typing import Any
 
 import yaml
 
-from spaces import SPACES, fixed_value_problems, make_space
+from spaces import SPACES, enqueued_params, fixed_value_problems, make_space
 from trainers.recipe import TrainConfig
 from trainers.validate import CHECK_MODES
 from trainers.typed import ConfigError, from_mapping
 
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SCHEDULERS = ("pareto", "asha", "fifo")
 
 
 class JobError(ValueError):
@@ -51,12 +52,19 @@ class SearchConfig:
     max_concurrent_trials: int = 1
     seed: int = 0
     sampler: str = "tpe"  # tpe (multivariate) | nsga2 | gp | random; each seeded with `seed`
+    # pareto: successive halving ranked by (AP, GFLOPs) fronts | asha: Ray's ASHA on AP alone | fifo: no early stop
+    scheduler: str = "pareto"
+    grace_period: int = 2  # epochs before the first rung; rungs at grace, grace*eta, ... below train.epochs
+    reduction_factor: float = 3  # eta: each rung continues the best 1/eta of the trials that reached it
     max_gflops: float | None = None  # configurations above this are rejected before training
     # Parameters of the space held at one value, e.g. {image_size: 512}: Optuna's PartialFixedSampler
     # hands the space these values and samples the rest.
     fixed: dict[str, Any] = field(default_factory=dict)
     # The compound space's bounds: {preset: gpu | cpu, ...any CompoundBounds field} (spaces/compound.py).
     bounds: dict[str, Any] = field(default_factory=dict)
+    # The first trials, before the sampler proposes: "rule:PHI" (the paper's scaling rule at PHI, compound space)
+    # or a mapping of some of the space's parameters.
+    enqueue: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,12 @@ def _check_values(job: Job, source: str) -> None:
         problems.append("job.search.max_gflops: must be > 0")
     if job.search.sampler not in SAMPLERS:
         problems.append(f"job.search.sampler: must be one of {', '.join(SAMPLERS)}, got {job.search.sampler!r}")
+    if job.search.scheduler not in SCHEDULERS:
+        problems.append(f"job.search.scheduler: must be one of {', '.join(SCHEDULERS)}, got {job.search.scheduler!r}")
+    if job.search.grace_period < 1:
+        problems.append("job.search.grace_period: must be >= 1 (epochs)")
+    if not job.search.reduction_factor > 1:
+        problems.append("job.search.reduction_factor: must be > 1")
     if not isinstance(job.search.bounds, dict):
         problems.append(f"job.search.bounds: must be a mapping, got {job.search.bounds!r}")
     elif job.search.space in SPACES:
@@ -134,6 +148,14 @@ def _check_values(job: Job, source: str) -> None:
     elif job.search.space in SPACES and not problems:
         problems.extend(f"job.search.fixed.{problem}" for problem in
                         fixed_value_problems(job.search.space, job.search.fixed, job.search.bounds))
+    if not isinstance(job.search.enqueue, list):
+        problems.append(f"job.search.enqueue: must be a list of rule:PHI or parameter mappings, got "
+                        f"{job.search.enqueue!r}")
+    elif job.search.space in SPACES and not problems:
+        try:
+            enqueued_params(job.search.space, job.search.enqueue, job.search.bounds)
+        except ConfigError as err:
+            problems.append(str(err))
     for key in ("workers_per_trial", "cpus_per_worker"):
         if getattr(job.resources, key) < 1:
             problems.append(f"job.resources.{key}: must be >= 1")

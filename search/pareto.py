@@ -52,3 +52,46 @@ def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float],
     ref = _losses([reference], directions)[0]
     inside = losses[np.all(losses < ref, axis=1)]
     return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0
+
+
+def front_ranks(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[int]:
+    """Each point's non-dominated front: 0 for the Pareto front, 1 for the front of what is left, and so on."""
+    ranks = [-1] * len(points)
+    left = list(range(len(points)))
+    front = 0
+    while left:
+        for i in pareto_front([points[j] for j in left], directions):
+            ranks[left[i]] = front
+        left = [j for j in left if ranks[j] < 0]
+        front += 1
+    return ranks
+
+
+def crowding_distances(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[float]:
+    """NSGA-II's crowding distance of each point among `points` (one front): infinite at each objective's
+    extremes, else the sum over objectives of the gap between its neighbours, over that objective's range."""
+    losses = _losses(points, directions)
+    count = len(losses)
+    if not count:
+        return []
+    distance = np.zeros(count)
+    for column in losses.T:
+        order = np.argsort(column, kind="stable")
+        span = column[order[-1]] - column[order[0]]
+        distance[order[0]] = distance[order[-1]] = np.inf
+        if span > 0:
+            for k in range(1, count - 1):
+                distance[order[k]] += (column[order[k + 1]] - column[order[k - 1]]) / span
+    return distance.tolist()
+
+
+def pareto_order(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[int]:
+    """Indices best-first, as a rung of successive halving ranks trials: by front, then, inside a front, the
+    larger crowding distance first (each objective's extremes, such as the cheapest point, lead), then by index."""
+    ranks = front_ranks(points, directions)
+    crowding = [0.0] * len(points)
+    for front in set(ranks):
+        members = [i for i, r in enumerate(ranks) if r == front]
+        for i, d in zip(members, crowding_distances([points[i] for i in members], directions)):
+            crowding[i] = d
+    return sorted(range(len(points)), key=lambda i: (ranks[i], -crowding[i], i))

@@ -19,11 +19,12 @@ from ray import tune
 from search.frontier import TrialPoint, record_frontier
 from search.job import Job, JobError
 from search.progress import ProgressPrinter
+from search.scheduler import make_scheduler
 from search.searcher import BudgetedOptunaSearch, GflopsCounter
 from search.tracking import DEFAULT_STORE, close_open_runs, ensure_experiment, tracking_uri
 from search.trainable import DRIVER_CPUS, TrialSetup, run_trial
 from search.trial_runs import MlflowTrialLogger
-from spaces import METRICS, MODES, make_space
+from spaces import METRICS, MODES, enqueued_params, make_space, space_parameters
 from trainers.annotations import TrainingData
 from trainers.validate import DataError, load_training_data
 
@@ -73,7 +74,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         _start_ray(ray_address)
         searcher = BudgetedOptunaSearch(
             space, gflops_of=GflopsCounter(data.train.num_classes), max_gflops=job.search.max_gflops,
-            metric=METRICS, mode=MODES, sampler=_sampler(job),
+            metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
             study_name=job.name, storage=_optuna_storage(store.resolve() / "optuna.journal"))
         logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs)
         progress = ProgressPrinter(job.search.trials, job.train.epochs)
@@ -81,6 +82,9 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             tune.with_resources(tune.with_parameters(trainable, setup=setup), {"cpu": DRIVER_CPUS}),
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=job.search.trials,
+                scheduler=make_scheduler(job.search.scheduler, max_epochs=job.train.epochs,
+                                         grace_period=job.search.grace_period,
+                                         reduction_factor=job.search.reduction_factor),
                 max_concurrent_trials=job.search.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name=f"{job.name}-{parent_id[:8]}", storage_path=storage_path,
@@ -149,6 +153,15 @@ def _sampler(job: Job) -> optuna.samplers.BaseSampler:
         if job.search.fixed:
             return optuna.samplers.PartialFixedSampler(job.search.fixed, sampler)
     return sampler
+
+
+def _enqueued(job: Job, space) -> list[dict] | None:
+    """search.enqueue as Optuna's first trials; a parameter the space does not take here (alpha and beta, with a
+    pretrained backbone held at its size) is left out."""
+    known = space_parameters(space)
+    points = [{k: v for k, v in point.items() if k in known}
+              for point in enqueued_params(job.search.space, job.search.enqueue, job.search.bounds)]
+    return points or None
 
 
 def _check_fits(job: Job, data: TrainingData) -> None:

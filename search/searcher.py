@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.states import INFEASIBLE, STATE_TAG
+from search.states import FULL_BUDGET_KEY, INFEASIBLE, PRUNED, STATE_TAG
 from trainers.cost import model_cost
 from trainers.spec import ModelSpec
 
@@ -90,6 +90,13 @@ class BudgetedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and not error and result and result.get(FULL_BUDGET_KEY) != 1:
+            # Stopped early by the scheduler: Ray's OptunaSearch would tell its low-budget values as COMPLETE,
+            # and they would sit on the study's front. Optuna gets PRUNED, and no values.
+            ot_trial.set_user_attr(STATE_TAG, PRUNED)
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
         super().on_trial_complete(trial_id, result, error)
         values = [result.get(metric) for metric in self.metric] if result and not error else []
         if ot_trial is not None and trial_id in self._key_of and values and None not in values:

@@ -9,12 +9,12 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from search.logged_model import log_model
-from search.states import COMPLETE, FAILED, PRUNED, STATE_TAG
+from search.states import COMPLETE, FAILED, FULL_BUDGET_KEY, PRUNED, STATE_TAG
 from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, PARENT_TAG, TRIAL_ID_TAG
 
 # Per-epoch metrics worth a curve in the UI. Accuracy keys arrive only in epochs that were evaluated.
 EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
-                 "epoch_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
+                 "epoch_s", "eval_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
                  "shard_overlap", "eval_images", "dropped_boxes", "peak_memory_mb", "map_raw", "map_ema",
                  "resumed_from_epoch", "image_cache")
 
@@ -54,7 +54,7 @@ class MlflowTrialLogger(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         result = trial.last_result or {}
-        full = int(result.get("epoch", 0)) >= self.total_epochs and result.get("full_budget") == 1
+        full = int(result.get("epoch", 0)) >= self.total_epochs and result.get(FULL_BUDGET_KEY) == 1
         self.client.set_tag(run_id, FULL_BUDGET_TAG, "true" if full else "false")
         if result.get("latency_device"):
             self.client.set_tag(run_id, "effsearch.latency_device", str(result["latency_device"]))

@@ -91,6 +91,30 @@ def compound_bounds(raw: Any, where: str = "job.search.bounds") -> CompoundBound
     return from_mapping(CompoundBounds, {**asdict(BOUNDS_PRESETS[preset]), **overrides}, where)
 
 
+# The paper's constants (phi aside), as parameters of this space.
+PAPER_RULE = {"alpha": 1.2, "beta": 1.1, "fpn_width_base": 64, "fpn_width_growth": 1.35, "fpn_depth_base": 3,
+              "fpn_depth_slope": 1.0, "head_depth_base": 3}
+
+
+def rule_params(phi: float, bounds: CompoundBounds) -> dict[str, float]:
+    """The paper's rule at `phi` as this space's parameters, each constant clamped into the job's bounds.
+
+    Clamping keeps the rule a point of the space: the CPU preset's BiFPN (base 24-48 channels, 1-2 cells) cannot
+    hold the paper's 64 channels and 3 cells, so its rule is the nearest point, 48 channels and 2 cells.
+    """
+    low, high = bounds.phi
+    steps = (phi - low) / bounds.phi_step
+    if not low - 1e-9 <= phi <= high + 1e-9 or abs(steps - round(steps)) > 1e-9:
+        raise ConfigError(f"rule:{phi:g}: phi must be one of the space's values ({low:g} to {high:g} in steps of "
+                          f"{bounds.phi_step:g})")
+    params: dict[str, float] = {"phi": phi}
+    for name, value in PAPER_RULE.items():
+        lo, hi = getattr(bounds, name)
+        params[name] = min(max(value, lo), hi)
+    params["fpn_width_base"] = 8 * round(params["fpn_width_base"] / 8)
+    return params
+
+
 def gamma_of(alpha: float, beta: float) -> float:
     """The resolution coefficient that makes alpha * beta^2 * gamma^2 exactly FLOPS_GROWTH.
 

@@ -7,7 +7,7 @@ import functools
 
 import optuna
 
-from spaces.compound import compound, compound_bounds
+from spaces.compound import compound, compound_bounds, rule_params
 from trainers.typed import ConfigError
 
 Space = Callable[..., dict[str, Any]]
@@ -106,9 +106,43 @@ def space_parameters(space: Space) -> dict[str, optuna.distributions.BaseDistrib
 
 def fixed_value_problems(name: str, fixed: dict[str, Any], bounds: dict | None = None) -> list[str]:
     """What is wrong with holding the named space's parameters at `fixed`: one "key: reason" line each."""
+    return _value_problems(name, space_parameters(make_space(name, bounds)), fixed)
+
+
+RULE_PREFIX = "rule:"
+
+
+def enqueued_params(name: str, entries: list, bounds: dict | None = None) -> list[dict[str, Any]]:
+    """search.enqueue as parameter dicts, the first trials of a search: "rule:PHI" is the paper's scaling rule at
+    PHI (compound space only), and a mapping holds some of the space's parameters (the sampler picks the rest)."""
     distributions = space_parameters(make_space(name, bounds))
+    points = []
+    for index, entry in enumerate(entries):
+        where = f"job.search.enqueue[{index}]"
+        if isinstance(entry, str) and entry.startswith(RULE_PREFIX):
+            if name != "compound":
+                raise ConfigError(f"{where}: {entry!r}: the scaling rule is a point of the compound space, not {name}")
+            try:
+                phi = float(entry[len(RULE_PREFIX):])
+            except ValueError:
+                raise ConfigError(f"{where}: {entry!r}: expected rule:PHI with a number, e.g. rule:0.5") from None
+            try:
+                points.append(rule_params(phi, compound_bounds(bounds or {})))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        elif isinstance(entry, dict) and entry:
+            problems = _value_problems(name, distributions, entry)
+            if problems:
+                raise ConfigError(f"{where}.{problems[0]}")
+            points.append(dict(entry))
+        else:
+            raise ConfigError(f"{where}: expected rule:PHI or a mapping of parameter: value, got {entry!r}")
+    return points
+
+
+def _value_problems(name: str, distributions: dict, values: dict[str, Any]) -> list[str]:
     problems = []
-    for key, value in fixed.items():
+    for key, value in values.items():
         distribution = distributions.get(key)
         if distribution is None:
             problems.append(f"{key}: not a parameter of the {name} space (its parameters: {', '.join(distributions)})")

@@ -53,6 +53,15 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
      "job.search.fixed.image_size: 500 is not one of the efficientdet space's values (384 to 896 in steps of 128)"),
     ({"search": ["space: efficientdet", "fixed: {fusion: max}"]},
      "job.search.fixed.fusion: 'max' is not one of the efficientdet space's values (one of fastattn, sum)"),
+    ({"search": ["enqueue: rule:0"]}, "job.search.enqueue: must be a list"),
+    ({"search": ["enqueue: [rule:0]"]}, "job.search.enqueue[0]: 'rule:0': the scaling rule is a point of the "
+                                        "compound space, not lite_cpu"),
+    ({"search": ["space: compound", "enqueue: [rule:0, rule:0.3]"]},
+     "job.search.enqueue[1]: rule:0.3: phi must be one of the space's values (0 to 3 in steps of 0.5)"),
+    ({"search": ["space: compound", "enqueue: [rule:x]"]}, "job.search.enqueue[0]: 'rule:x': expected rule:PHI"),
+    ({"search": ["space: compound", "enqueue: [{phi: 9}]"]},
+     "job.search.enqueue[0].phi: 9 is not one of the compound space's values (0 to 3 in steps of 0.5)"),
+    ({"search": ["space: compound", "enqueue: [7]"]}, "job.search.enqueue[0]: expected rule:PHI or a mapping"),
 ])
 def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     path = tmp_path / "job.yaml"

@@ -82,3 +82,41 @@ def test_hypervolume_matches_a_cell_count(seed, directions):
     cells = sum(1 for cell in itertools.product(range(size), repeat=len(directions))
                 if any(covers(point, cell) for point in points))
     assert hypervolume(points, reference, directions) == pytest.approx(cells)
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("directions", DIRECTIONS[:4], ids="-".join)
+def test_front_ranks_peel_brute_force_fronts(seed, directions):
+    from search.pareto import front_ranks
+
+    rng = random.Random(seed)
+    points = [tuple(rng.randint(0, 4) / 2 for _ in directions) for _ in range(rng.randint(0, 25))]
+    expected, left, front = [None] * len(points), list(range(len(points))), 0
+    while left:
+        for i in brute_front([points[j] for j in left], directions):
+            expected[left[i]] = front
+        left = [j for j in left if expected[j] is None]
+        front += 1
+    assert front_ranks(points, directions) == expected
+
+
+def test_crowding_distance_by_hand():
+    from search.pareto import crowding_distances
+
+    # One front of (AP, GFLOPs), AP range 0.5 and GFLOPs range 3.5: the two extremes are infinite; each inner
+    # point adds its neighbours' gaps over each range.
+    points = [(0.1, 0.5), (0.3, 1.0), (0.5, 2.0), (0.6, 4.0)]
+    distances = crowding_distances(points)
+    assert distances[0] == distances[3] == float("inf")
+    assert distances[1] == pytest.approx(0.4 / 0.5 + 1.5 / 3.5)
+    assert distances[2] == pytest.approx(0.3 / 0.5 + 3.0 / 3.5)
+    assert crowding_distances([]) == []
+
+
+def test_pareto_order_puts_the_cheapest_point_first_among_its_front():
+    from search.pareto import pareto_order
+
+    # Fronts: {0, 1, 2} (0 cheapest, 2 most accurate), then {3}, then {4}.
+    points = [(0.10, 0.05), (0.30, 0.10), (0.50, 0.20), (0.25, 0.12), (0.20, 0.30)]
+    order = pareto_order(points)
+    assert set(order[:2]) == {0, 2} and order[2:] == [1, 3, 4]

@@ -395,3 +395,17 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
     for trial in repeats:
         original = study.trials[trial.user_attrs[REPEATS_ATTR]]
         assert trial.params == original.params and trial.values == original.values
+
+
+def test_enqueued_points_are_the_first_trials(tmp_path, shapes):
+    """search.enqueue: the paper's rule at two phi steps, then a partial point; the sampler proposes after them."""
+    raw = _raw(shapes, "enqueue", search={
+        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 4, "scheduler": "fifo",
+        "enqueue": ["rule:0", "rule:1", {"phi": 0.5, "fpn_width_base": 24, "fpn_depth_base": 1}]},
+        train={"epochs": 1})
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw)
+    assert outcome.finished == 4
+    sizes = [(s["image_size"], s["fpn_channels"], s["fpn_repeats"]) for s in started]
+    assert sizes[:2] == [(160, 48, 2), (192, 64, 3)]  # the rule in the CPU bounds (tests/test_spaces.py)
+    assert study.trials[2].params["fpn_width_base"] == 24 and study.trials[2].params["phi"] == 0.5
+    assert started[2]["fpn_repeats"] == round(1 + 0.5 * study.trials[2].params["fpn_depth_slope"])

@@ -128,3 +128,22 @@ def test_bad_compound_bounds_name_the_key(bounds, message):
     with pytest.raises(ConfigError) as err:
         make_space("compound", bounds)
     assert message in str(err.value)
+
+
+def test_the_rule_is_the_papers_constants_clamped_into_the_bounds():
+    from spaces.compound import BOUNDS_PRESETS, rule_params
+
+    assert rule_params(1.0, BOUNDS_PRESETS["gpu"]) == {"phi": 1.0, **PAPER}
+    cpu = rule_params(0.25, BOUNDS_PRESETS["cpu"])
+    # The CPU BiFPN tops out at 48 channels, 2 cells and 2 head repeats; alpha, beta and the growth fit as they are.
+    assert cpu == {"phi": 0.25, **PAPER, "fpn_width_base": 48, "fpn_depth_base": 2, "head_depth_base": 2}
+
+
+def test_enqueued_rule_points_build_the_rule_in_the_space():
+    from spaces import enqueued_params, make_space
+
+    points = enqueued_params("compound", ["rule:0", "rule:1", {"phi": 0.5, "alpha": 1.3}], {"preset": "cpu"})
+    space = make_space("compound", {"preset": "cpu"})
+    specs = [_fixed(space, {**PAPER, **point}) for point in points[:2]]
+    assert [(s.image_size, s.fpn_channels, s.fpn_repeats) for s in specs] == [(160, 48, 2), (192, 64, 3)]
+    assert points[2] == {"phi": 0.5, "alpha": 1.3}

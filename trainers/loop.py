@@ -151,6 +151,7 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
         epoch_s = time.perf_counter() - start
         last = epoch == recipe.epochs
         evaluated = last or epoch % recipe.eval_every == 0
+        eval_start = time.perf_counter()
         if evaluated:
             with step_context(epoch, "evaluation"):
                 accuracy, deploy = evaluate_all(modules.predictors, val_loader, evaluator, device=device,
@@ -158,6 +159,7 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
                                                 channels_last=place.channels_last, amp_dtype=amp_dtype)
         metrics = {
             "epoch": epoch, "loss": float(loss_sum) / max(1, step), "epoch_s": epoch_s,
+            "eval_s": time.perf_counter() - eval_start,
             "images_per_s": seen * world_size / epoch_s, "gflops": cost.gflops, "params_m": cost.params_m,
             "lr": schedule.get_last_lr()[0], "dropped_boxes": dropped,
             "world_size": world_size, "train_images": seen * world_size, "shard_overlap": shard_overlap,

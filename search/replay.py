@@ -1,0 +1,82 @@
+"""Recorded learning curves (benchmarks/record_curves.py) and a trial trainable that serves them instantly, so the
+real search machinery (Tune, the searcher, the scheduler, MLflow) runs on real curves in seconds.
+
+A proposal is served the recorded configuration nearest to it: the smallest sum of squared log-ratios over the
+model spec's sizes (resolution, backbone width and depth, BiFPN width and cells, head repeats). The trial then
+reports that configuration's own GFLOPs, AP and seconds per epoch, so each result is one that was measured.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+# The spec sizes a proposal is matched on.
+MATCHED = ("image_size", "backbone_width", "backbone_depth", "fpn_channels", "fpn_repeats", "head_repeats")
+CURVES_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "curves.csv"
+# One row per configuration and epoch.
+COLUMNS = ("config", *MATCHED, "gflops", "params_m", "epoch", "map", "epoch_s", "eval_s")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One recorded configuration: its spec sizes, its cost, and per epoch (AP, training seconds, eval seconds)."""
+
+    config: str
+    sizes: tuple[float, ...]
+    gflops: float
+    params_m: float
+    epochs: tuple[tuple[float, float, float], ...]
+
+    def distance(self, spec: dict) -> float:
+        return sum(math.log(float(spec[key]) / size) ** 2 for key, size in zip(MATCHED, self.sizes))
+
+
+def load_curves(path: str | Path = CURVES_CSV) -> list[Curve]:
+    rows: dict[str, list[dict]] = {}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            rows.setdefault(row["config"], []).append(row)
+    curves = []
+    for config, epochs in rows.items():
+        epochs.sort(key=lambda r: int(r["epoch"]))
+        first = epochs[0]
+        curves.append(Curve(config, tuple(float(first[k]) for k in MATCHED), float(first["gflops"]),
+                            float(first["params_m"]),
+                            tuple((float(r["map"]), float(r["epoch_s"]), float(r["eval_s"])) for r in epochs)))
+    return curves
+
+
+def write_curves(path: str | Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class ReplayTrainable:
+    """A search's trainable (run_search(trainable=...)): each trial reports, epoch by epoch and at once, the
+    recorded curve nearest to its proposed spec, with `replayed` naming that configuration."""
+
+    def __init__(self, curves: list[Curve]):
+        if not curves:
+            raise ValueError("no recorded curves to replay")
+        self.curves = curves
+
+    def nearest(self, spec: dict) -> Curve:
+        return min(self.curves, key=lambda curve: curve.distance(spec))
+
+    def __call__(self, config: dict, *, setup) -> None:
+        from ray import tune
+
+        curve = self.nearest(config["spec"])
+        epochs = setup.job.train.epochs
+        if epochs > len(curve.epochs):
+            raise ValueError(f"train.epochs {epochs}: the recorded curves hold {len(curve.epochs)} epochs")
+        for epoch in range(1, epochs + 1):
+            ap, epoch_s, eval_s = curve.epochs[epoch - 1]
+            last = epoch == epochs
+            tune.report({"epoch": epoch, "map": ap, "gflops": curve.gflops, "params_m": curve.params_m,
+                         "epoch_s": epoch_s, "eval_s": eval_s, "replayed": curve.config,
+                         **({"full_budget": 1} if last else {})})
