@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="run the search a job file describes")
     p.add_argument("job", type=Path, help="job YAML file")
     p.add_argument("--address", help="an existing Ray cluster to run on (default: a local Ray)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue this job's interrupted search: finished trials are kept, running ones continue "
+                          "from their last checkpoint")
+    how.add_argument("--warm-start", metavar="EXPERIMENT",
+                     help="seed the search with the complete trials of another job's search (same space)")
     p.set_defaults(func=_search)
 
     p = sub.add_parser("frontier", help="print an experiment's accuracy-vs-FLOPs frontier")
@@ -118,21 +124,22 @@ def _search(args) -> int:
     from search.job import load_job
 
     job = load_job(args.job)
-    _run_and_report(job, args.address)
+    _run_and_report(job, args.address, resume=args.resume, warm_start_from=args.warm_start)
     print(f"next: effsearch frontier {job.name}   |   effsearch promote {job.name} --max-gflops X")
     _ui_hint()
     return 0
 
 
-def _run_and_report(job, address=None):
+def _run_and_report(job, address=None, **continuation):
     from search.frontier import format_table
     from search.run import run_search
     from search.tracking import tracking_uri
 
     print(f"tracking store: {tracking_uri()}  experiment: {job.name}")
     print(f"searching {job.search.trials} trials of space {job.search.space!r}, {job.train.epochs} epochs each")
-    outcome = run_search(job, ray_address=address)
-    print(f"\n{outcome.finished} trials finished, {outcome.failed} did not train. "
+    outcome = run_search(job, ray_address=address, **continuation)
+    stopped = f" ({outcome.pruned} of them stopped early by the scheduler)" if outcome.pruned else ""
+    print(f"\n{outcome.finished} trials finished{stopped}, {outcome.failed} did not train. "
           f"Frontier (parent run {outcome.parent_run_id}):")
     print(format_table(outcome.frontier))
     if outcome.finished == 0 and outcome.failed == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from search.pareto import pareto_front
+from search.pareto import hypervolume, pareto_front
 from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG
 
 
@@ -58,8 +58,19 @@ def compute_frontier(points: list[TrialPoint]) -> list[TrialPoint]:
     return [points[i] for i in pareto_front([(p.map, p.gflops) for p in points])]
 
 
-def record_frontier(client: MlflowClient, experiment_id: str, parent_run_id: str | None) -> list[TrialPoint]:
-    """Tag frontier=true/false on every finished trial and attach the frontier artifacts to the parent run."""
+# The hypervolume's reference point is (AP 0, REFERENCE_GFLOPS): the search's max_gflops when it has one, else
+# this factor times the costliest finished trial (then logged beside it, since it moves as trials finish).
+REFERENCE_SLACK = 1.1
+
+
+def reference_gflops(points: list[TrialPoint], max_gflops: float | None) -> float:
+    return max_gflops if max_gflops else REFERENCE_SLACK * max((p.gflops for p in points), default=0.0)
+
+
+def record_frontier(client: MlflowClient, experiment_id: str, parent_run_id: str | None,
+                    max_gflops: float | None = None) -> list[TrialPoint]:
+    """Tag frontier=true/false on every finished trial, and on the parent run attach the frontier artifacts and
+    log the frontier's size, best AP and hypervolume, at a step that counts the finished trials."""
     points = finished_trials(client, experiment_id)
     front = compute_frontier(points)
     on_front = {p.run_id for p in front}
@@ -74,8 +85,12 @@ def record_frontier(client: MlflowClient, experiment_id: str, parent_run_id: str
             for name in ("frontier.csv", "frontier.html", "frontier.png"):
                 client.log_artifact(parent_run_id, str(folder / name))
         if front:
-            client.log_metric(parent_run_id, "frontier_size", len(front))
-            client.log_metric(parent_run_id, "best_map", max(p.map for p in front))
+            step, reference = len(points), reference_gflops(points, max_gflops)
+            client.log_metric(parent_run_id, "frontier_size", len(front), step=step)
+            client.log_metric(parent_run_id, "best_map", max(p.map for p in front), step=step)
+            client.log_metric(parent_run_id, "hypervolume",
+                              hypervolume([(p.map, p.gflops) for p in front], (0.0, reference)), step=step)
+            client.log_metric(parent_run_id, "hypervolume_reference_gflops", reference, step=step)
     return front
 
 

@@ -85,13 +85,19 @@ def crowding_distances(points: Sequence[Sequence[float]], directions: Sequence[s
     return distance.tolist()
 
 
-def pareto_order(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[int]:
-    """Indices best-first, as a rung of successive halving ranks trials: by front, then, inside a front, the
-    larger crowding distance first (each objective's extremes, such as the cheapest point, lead), then by index."""
+def pareto_keys(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[tuple[int, float]]:
+    """Each point's rank as successive halving sorts a rung, smaller first: (front, minus its crowding distance
+    inside that front). Each objective's extremes in a front (such as its cheapest point) lead it, tied."""
     ranks = front_ranks(points, directions)
-    crowding = [0.0] * len(points)
+    keys: list[tuple[int, float]] = [(0, 0.0)] * len(points)
     for front in set(ranks):
         members = [i for i, r in enumerate(ranks) if r == front]
         for i, d in zip(members, crowding_distances([points[i] for i in members], directions)):
-            crowding[i] = d
-    return sorted(range(len(points)), key=lambda i: (ranks[i], -crowding[i], i))
+            keys[i] = (front, -d)
+    return keys
+
+
+def pareto_order(points: Sequence[Sequence[float]], directions: Sequence[str] = AP_GFLOPS) -> list[int]:
+    """Indices best-first by pareto_keys, ties by index."""
+    keys = pareto_keys(points, directions)
+    return sorted(range(len(points)), key=lambda i: (keys[i], i))

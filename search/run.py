@@ -16,13 +16,15 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, record_frontier
 from search.job import Job, JobError
 from search.progress import ProgressPrinter
 from search.scheduler import make_scheduler
 from search.searcher import BudgetedOptunaSearch, GflopsCounter
-from search.tracking import DEFAULT_STORE, close_open_runs, ensure_experiment, tracking_uri
+from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
 from search.trainable import DRIVER_CPUS, TrialSetup, run_trial
+from search.states import FULL_BUDGET_KEY
 from search.trial_runs import MlflowTrialLogger
 from spaces import METRICS, MODES, enqueued_params, make_space, space_parameters
 from trainers.annotations import TrainingData
@@ -39,13 +41,20 @@ class SearchOutcome:
     first_error: str = ""  # the first failed trial's one-line reason
     # With search.max_gflops: the share of the sampler's proposals within budget, first and second half.
     feasible_share: tuple[float, float] | None = None
+    pruned: int = 0  # of the finished trials, those the scheduler stopped early
 
 
 def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE,
                say: Callable[[str], None] = print, trainable: Callable = run_trial,
-               callbacks: Sequence[tune.Callback] = ()) -> SearchOutcome:
+               callbacks: Sequence[tune.Callback] = (), resume: bool = False,
+               warm_start_from: str | None = None) -> SearchOutcome:
     """Run job's search; `trainable` is what each trial runs (the real one by default), `callbacks` extra Tune
-    callbacks. Whatever happens, every MLflow run it created ends FINISHED, FAILED or KILLED."""
+    callbacks. `resume` continues the job's interrupted search (its parent run, Tune folder and Optuna study;
+    the callbacks are then the first run's); `warm_start_from` seeds a new search's study with the complete trials
+    of that job's search in the same store. Whatever happens, every MLflow run it created ends FINISHED, FAILED
+    or KILLED."""
+    store = store.resolve()
+    record = record_to_resume(store, job.name) if resume else None
     # Bad data fails here, in one line, before any run is created or Ray starts. The annotations are parsed
     # once, here, and every worker gets the compact index.
     data, reports = load_training_data(
@@ -55,42 +64,61 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         say(f"data: {report.summary()}")
     _check_fits(job, data)
     space = _space(job)
+    journal = _optuna_storage(store / "optuna.journal")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
 
     experiment_id = ensure_experiment(client, job.name)
-    parent = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"effsearch.kind": "search"})
-    parent_id = parent.info.run_id
+    if record is not None:
+        parent_id = record.parent_run_id
+        client.update_run(parent_id, status="RUNNING")
+        say(f"resuming the search of parent run {parent_id} from {record.tune_path}")
+    else:
+        parent_id = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      tags={"effsearch.kind": "search"}).info.run_id
     status, children_status = "FAILED", "FAILED"
     try:
-        for key, value in _flat_params(job).items():
-            client.log_param(parent_id, key, value)
-        for split, report in reports.items():
-            client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
-        storage_path = str(store.resolve() / "ray")
+        if record is None:
+            for key, value in _flat_params(job).items():
+                client.log_param(parent_id, key, value)
+            for split, report in reports.items():
+                client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
+        if warm_start_from and record is None:
+            copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space),
+                                job.search.max_gflops)
+            client.set_tag(parent_id, WARM_START_TAG, warm_start_from)
+            say(f"warm start: {copied} complete trials of {warm_start_from!r} seed this search's study")
+        storage_path = str(store / "ray")
         setup = TrialSetup(job=job, data=data, storage_path=storage_path)
         _start_ray(ray_address)
         searcher = BudgetedOptunaSearch(
             space, gflops_of=GflopsCounter(data.train.num_classes), max_gflops=job.search.max_gflops,
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
-            study_name=job.name, storage=_optuna_storage(store.resolve() / "optuna.journal"))
-        logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs)
-        progress = ProgressPrinter(job.search.trials, job.train.epochs)
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trainable, setup=setup), {"cpu": DRIVER_CPUS}),
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=job.search.trials,
-                scheduler=make_scheduler(job.search.scheduler, max_epochs=job.train.epochs,
-                                         grace_period=job.search.grace_period,
-                                         reduction_factor=job.search.reduction_factor),
-                max_concurrent_trials=job.search.max_concurrent_trials),
-            run_config=tune.RunConfig(
-                name=f"{job.name}-{parent_id[:8]}", storage_path=storage_path,
-                callbacks=[logger, progress, *callbacks],
-                verbose=0, failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
-        )
+            study_name=job.name, storage=journal)
+        runnable = tune.with_resources(tune.with_parameters(trainable, setup=setup), {"cpu": DRIVER_CPUS})
+        if record is not None:
+            # Tune restores its trials, the searcher and the scheduler from its folder; finished trials stay
+            # finished, and interrupted ones restart, each Train run continuing from its last checkpoint.
+            tuner = tune.Tuner.restore(record.tune_path, trainable=runnable, resume_unfinished=True)
+        else:
+            name = f"{job.name}-{parent_id[:8]}"
+            tuner = tune.Tuner(
+                runnable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, num_samples=job.search.trials,
+                    scheduler=make_scheduler(job.search.scheduler, max_epochs=job.train.epochs,
+                                             grace_period=job.search.grace_period,
+                                             reduction_factor=job.search.reduction_factor),
+                    max_concurrent_trials=job.search.max_concurrent_trials),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage_path,
+                    callbacks=[MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs,
+                                                 job.search.max_gflops),
+                               ProgressPrinter(job.search.trials, job.train.epochs), *callbacks],
+                    verbose=0, failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+            )
+            save_record(store, job.name, SearchRecord(parent_id, str(Path(storage_path) / name)))
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
@@ -102,16 +130,20 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     finally:
         # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
         # runs too, the trials already recorded keep their frontier tags, and the parent is closed even if
-        # drawing the frontier fails.
+        # drawing the frontier fails. (A driver killed outright closes nothing; --resume continues it.)
         try:
             close_open_runs(client, experiment_id, parent_id, children_status)
-            frontier = record_frontier(client, experiment_id, parent_id)
+            frontier = record_frontier(client, experiment_id, parent_id, job.search.max_gflops)
         finally:
             client.set_terminated(parent_id, status)
+            if status == "FINISHED":  # nothing left to resume
+                tune_path = record.tune_path if record else str(Path(storage_path) / name)
+                save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
     failed = [r for r in results if r.error is not None]
+    pruned = [r for r in results if r.error is None and (r.metrics or {}).get(FULL_BUDGET_KEY) != 1]
     first_error = str(failed[0].error).strip().splitlines()[-1] if failed else searcher.exhausted
     return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error,
-                         feasible_share)
+                         feasible_share, len(pruned))
 
 
 def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOptunaSearch,
@@ -196,6 +228,10 @@ def _start_ray(address: str | None) -> None:
     # Ctrl-C must stop the search, not ask Tune to wind it down and then report success: with Tune's
     # handler off it raises KeyboardInterrupt here, the runs are ended KILLED, and the command exits 130.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune snapshots its trials and searcher at most every 10 s by default; a driver killed in that window would,
+    # on --resume, run a trial again that had already finished. Every 2 s narrows the window; a snapshot of
+    # a search's state takes milliseconds.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if ray.is_initialized():
         return
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -228,6 +264,9 @@ def _optuna_storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+PARAM_CHARS = 500
+
+
 def _flat_params(job: Job) -> dict:
     flat = {}
     for section in ("search", "train", "resources"):
@@ -237,4 +276,6 @@ def _flat_params(job: Job) -> dict:
     flat["data.val"] = job.data.val.annotations
     flat["data.check"] = job.data.check
     flat["model.backbone_weights"] = job.model.backbone_weights
-    return flat
+    # MLflow cuts a param at 6000 characters with a warning; a long enqueue list is cut here, saying so.
+    return {key: (text if len(text := str(value)) <= PARAM_CHARS else f"{text[:PARAM_CHARS - 40]}... "
+                  f"({len(text)} characters in all)") for key, value in flat.items()}

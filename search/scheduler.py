@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from search.pareto import AP_GFLOPS, pareto_order
+from search.pareto import AP_GFLOPS, pareto_keys
 
 TIME_ATTR = "epoch"
 
@@ -33,7 +33,7 @@ def rung_milestones(grace_period: int, reduction_factor: float, max_epochs: int)
 
 class ParetoSuccessiveHalving(FIFOScheduler):
     """Stops a trial at a rung unless it ranks in the best ceil(n / eta) of the n trials recorded there, ranked by
-    non-dominated front on `metrics` and then by crowding distance. Only results that carry every metric count:
+    non-dominated front on `metrics` and then by crowding distance (larger first). Only results that carry every metric count:
     a rung waits for the trial's next scored epoch when the rung's epoch was not evaluated."""
 
     def __init__(self, *, max_epochs: int, grace_period: int = 2, reduction_factor: float = 3,
@@ -62,10 +62,14 @@ class ParetoSuccessiveHalving(FIFOScheduler):
         return TrialScheduler.CONTINUE
 
     def _survives(self, rung: dict[str, tuple[float, ...]], trial_id: str) -> bool:
+        """In the best ceil(n / eta) by (front, crowding distance), ties with the last kept included: each front's
+        extremes (infinitely crowded) tie, so on a small rung both the cheapest and the most accurate continue."""
         ids = list(rung)
-        order = pareto_order([rung[i] for i in ids], self.modes)
+        points = [rung[i] for i in ids]
+        keys = pareto_keys(points, self.modes)
         kept = max(1, math.ceil(len(ids) / self.reduction_factor))
-        return ids.index(trial_id) in order[:kept]
+        cutoff = sorted(keys)[kept - 1]
+        return keys[ids.index(trial_id)] <= cutoff
 
     def debug_string(self) -> str:
         sizes = ", ".join(f"epoch {m}: {len(r)}" for m, r in self.rungs.items())

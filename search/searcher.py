@@ -7,14 +7,16 @@ the budget as an Optuna constraint (`Trial.set_constraint`: feasible at <= 0), a
 told at once, as PRUNED, so TPE, NSGA-II and GP rank it infeasible and steer away from it. Optuna gets its
 own state and the true cost, never a made-up objective value. Then the searcher asks again.
 
-A proposal equal to a configuration that already finished training in this search is told to Optuna with
-that trial's own results (COMPLETE, tagged with the trial it repeats) and is not trained again.
+A proposal whose model spec equals one already trained in the study (in this search, an earlier search of the
+job, or a warm start) is told to Optuna with that trial's own results (COMPLETE, tagged with the trial it
+repeats) and is not trained again.
 """
 from __future__ import annotations
 
 import json
 from typing import Callable, Optional
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -52,13 +54,26 @@ class BudgetedOptunaSearch(OptunaSearch):
     the search (Searcher.FINISHED) and says why in `exhausted`."""
 
     def __init__(self, space, *, gflops_of: Callable[[dict], float], max_gflops: float | None, **kwargs):
-        super().__init__(space, **kwargs)
         self._gflops_of, self._max_gflops = gflops_of, max_gflops
         self.proposals: list[tuple[float, bool]] = []
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.exhausted = ""
-        self._key_of: dict[str, str] = {}  # Tune trial id -> its configuration's key
+        self._key_of: dict[str, str] = {}  # Tune trial id -> its model spec's key
         self._trained: dict[str, tuple[list[float], int]] = {}  # key -> (objective values, Optuna trial number)
+        super().__init__(space, **kwargs)  # sets up the study, which fills _trained from it
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        # The study may already hold trained configurations (a warm start, an earlier search of the same job):
+        # a proposal equal to one of them reuses its results too.
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if REPEATS_ATTR in trial.user_attrs:
+                continue
+            try:
+                spec = self._space(optuna.trial.FixedTrial(trial.params))["spec"]
+            except Exception:  # parameters of another space: nothing to match
+                continue
+            self._trained.setdefault(json.dumps(spec, sort_keys=True), (list(trial.values), trial.number))
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         for _ in range(MAX_PROPOSALS):
@@ -70,7 +85,8 @@ class BudgetedOptunaSearch(OptunaSearch):
             if self._max_gflops is not None:
                 ot_trial.set_constraint(BUDGET_CONSTRAINT, gflops - self._max_gflops)
             self.proposals.append((gflops, feasible))
-            key = json.dumps(config, sort_keys=True)
+            # The model is what trains: parameters that do not change it (alpha and beta at phi 0) make no new trial.
+            key = json.dumps(config["spec"], sort_keys=True)
             if feasible and key not in self._trained:
                 self._key_of[trial_id] = key
                 return config

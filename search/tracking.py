@@ -15,6 +15,7 @@ FRONTIER_TAG = "frontier"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_URI_TAG = "effsearch.model_uri"  # the logged model (models:/m-...) that promotion registers
 ERROR_TAG = "effsearch.error"
+WARM_START_TAG = "effsearch.warm_start"  # on a parent run: the job whose complete trials seeded its study
 
 
 def tracking_uri() -> str:

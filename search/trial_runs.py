@@ -8,6 +8,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from search.frontier import record_frontier
 from search.logged_model import log_model
 from search.states import COMPLETE, FAILED, FULL_BUDGET_KEY, PRUNED, STATE_TAG
 from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, PARENT_TAG, TRIAL_ID_TAG
@@ -22,8 +23,10 @@ EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large"
 class MlflowTrialLogger(Callback):
     """Writes every trial as a child run of the search's parent run; the Tune driver is the only writer."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, total_epochs: int):
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, total_epochs: int,
+                 max_gflops: float | None = None):
         self.client = client
+        self.max_gflops = max_gflops
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.total_epochs = total_epochs
@@ -31,6 +34,14 @@ class MlflowTrialLogger(Callback):
 
     def _run_for(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
+            # A resumed search (--resume) restarts this logger with no memory: a trial it recorded before keeps
+            # its run rather than getting a second one.
+            found = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and "
+                                                    f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'", max_results=1)
+            if found:
+                self.run_ids[trial.trial_id] = found[0].info.run_id
+                return found[0].info.run_id
             run = self.client.create_run(
                 self.experiment_id, run_name=f"trial-{trial.trial_id}",
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id})
@@ -53,6 +64,8 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        if self.client.get_run(run_id).data.tags.get(STATE_TAG) == COMPLETE:
+            return  # recorded complete before the driver died; a resumed Tune may end it again
         result = trial.last_result or {}
         full = int(result.get("epoch", 0)) >= self.total_epochs and result.get(FULL_BUDGET_KEY) == 1
         self.client.set_tag(run_id, FULL_BUDGET_TAG, "true" if full else "false")
@@ -69,6 +82,8 @@ class MlflowTrialLogger(Callback):
                 state = FAILED
         self.client.set_tag(run_id, STATE_TAG, state)
         self.client.set_terminated(run_id, "FINISHED")
+        if state == COMPLETE:  # the frontier, its artifacts and hypervolume, as each trial joins it
+            record_frontier(self.client, self.experiment_id, self.parent_run_id, self.max_gflops)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

@@ -329,7 +329,7 @@ class _TrialStarts(tune.Callback):
         self.specs.append(trial.config["spec"])
 
 
-def _search_with_instant_trials(tmp_path, raw):
+def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, **options):
     """A real search (local Ray, SQLite MLflow) whose trials report at once; returns (outcome, the specs of
     the trials Ray started, the Optuna study)."""
     import sys
@@ -346,7 +346,7 @@ def _search_with_instant_trials(tmp_path, raw):
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
-                             trainable=_instant_trial, callbacks=[starts])
+                             trainable=trainable, callbacks=[starts], **options)
     finally:
         ray.shutdown()
         patch.undo()
@@ -409,3 +409,36 @@ def test_enqueued_points_are_the_first_trials(tmp_path, shapes):
     assert sizes[:2] == [(160, 48, 2), (192, 64, 3)]  # the rule in the CPU bounds (tests/test_spaces.py)
     assert study.trials[2].params["fpn_width_base"] == 24 and study.trials[2].params["phi"] == 0.5
     assert started[2]["fpn_repeats"] == round(1 + 0.5 * study.trials[2].params["fpn_depth_slope"])
+
+
+def test_the_pareto_stopper_prunes_on_recorded_curves_and_pruned_trials_stay_off_the_frontier(tmp_path, shapes):
+    """12 trials of the CPU compound space replay the committed learning curves (benchmarks/curves.csv) under the
+    Pareto stopper, rungs at epochs 1 and 3 of 6. Every trial it stops is PRUNED in Optuna with no values, tagged
+    pruned in MLflow, and absent from the frontier; the rest are complete."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from search.replay import ReplayTrainable, load_curves
+    from search.states import PRUNED
+
+    raw = _raw(shapes, "stopper", search={
+        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 12, "sampler": "random", "scheduler": "pareto",
+        "grace_period": 1, "reduction_factor": 3}, train={"epochs": 6})
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw, ReplayTrainable(load_curves()))
+    assert len(started) == 12
+    pruned = [t for t in study.trials if t.user_attrs.get(STATE_TAG) == PRUNED]
+    assert pruned, "the stopper stopped no trial"
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.values is None for t in pruned)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) + len(complete) == 12
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([outcome.experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    states = {run.info.run_id: run.data.tags[STATE_TAG] for run in runs}
+    assert sorted(states.values()) == sorted([PRUNED] * len(pruned) + [COMPLETE] * len(complete))
+    assert outcome.frontier and all(states[point.run_id] == COMPLETE for point in outcome.frontier)
+    # The frontier was refreshed as each trial completed, not only at the end: one hypervolume per complete trial
+    # (and the final one again), never falling, since each adds a point and the reference only moves outwards.
+    history = [m.value for m in sorted(client.get_metric_history(outcome.parent_run_id, "hypervolume"),
+                                       key=lambda m: (m.step, m.timestamp))]
+    assert len(history) == len(complete) + 1 and history == sorted(history) and history[-1] > 0
+    print(f"stopped {len(pruned)} of 12 trials early")
