@@ -80,9 +80,16 @@ def main() -> None:
     outcome = run_search(parse_job(raw), store=work / "store")
     print(f"search: {outcome.finished} finished, {outcome.failed} failed, {time.time() - start:.0f} s", flush=True)
 
-    client = MlflowClient()
-    runs = client.search_runs([outcome.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'",
+    rows = recorded_rows(MlflowClient(), outcome.experiment_id, outcome.parent_run_id)
+    out = work / "curves.csv" if SMOKE else CURVES_CSV
+    write_curves(out, rows)
+    print(f"wrote {out}", flush=True)
+    print(f"configurations_recorded: {len(rows) // EPOCHS}")
+
+
+def recorded_rows(client, experiment_id: str, parent_run_id: str) -> list[dict]:
+    """The table's rows from the search's child runs: every epoch of each trial that scored all EPOCHS."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                               max_results=1000)
     rows = []
     for number, run in enumerate(sorted(runs, key=lambda r: r.info.start_time)):
@@ -97,10 +104,7 @@ def main() -> None:
                          "gflops": run.data.metrics["gflops"], "params_m": run.data.metrics["params_m"],
                          "epoch": epoch, "map": history["map"][epoch], "epoch_s": history["epoch_s"][epoch],
                          "eval_s": history["eval_s"][epoch]})
-    out = work / "curves.csv" if SMOKE else CURVES_CSV
-    write_curves(out, rows)
-    print(f"wrote {out}", flush=True)
-    print(f"configurations_recorded: {len(rows) // EPOCHS}")
+    return rows
 
 
 if __name__ == "__main__":
