@@ -231,8 +231,10 @@ def _ui(args) -> int:
 
     uri = tracking_uri()
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    # One server process: uvicorn's supervisor kills a worker that has not answered its health check within
+    # 5 s, and on a busy machine (a search beside it) the UI's workers then die and restart forever (seen here).
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port)]
+               "--host", args.host, "--port", str(args.port), "--workers", "1"]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
