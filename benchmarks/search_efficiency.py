@@ -8,7 +8,8 @@ Methods, each with the job file's other defaults:
 - grid: the paper's rule at every phi step of the space (rule:0 ... rule:1), every trial to the end.
 
 Estimator, fixed before any result was seen:
-- Compute is charged per trial as the recorded training plus evaluation seconds of every epoch it ran, summed in
+- Compute is charged per trial as the training plus evaluation seconds of every epoch it ran (the replay charges
+  a configuration's fastest recorded epoch, see search/replay.py), summed in
   the order trials end. A method's hypervolume at compute c is that of the complete trials ended by then.
 - Hypervolume of (AP, GFLOPs) with reference point (AP 0, GFLOPs 1.1 x the costliest recorded configuration).
 - Every method is compared at equal compute: the budget is BUDGET_X times the grid's total compute.
@@ -131,7 +132,7 @@ def main() -> None:
         grid_compute = sum(charged for charged, *_ in grid)
         grid_hv = hypervolume([(ap, g) for _, ap, g, ok in grid if ok], reference)
         budget = BUDGET_X * grid_compute
-        mean_full = sum(sum(e + v for _, e, v in c.epochs[:EPOCHS]) for c in curves) / len(curves)
+        mean_full = EPOCHS * sum(sum(c.charged_s) for c in curves) / len(curves)
         trials = {name: math.ceil(slack * budget / mean_full) for name, slack in TRIAL_SLACK.items()}
         print(f"grid: {len(grid)} trials, compute {grid_compute:.0f} s, hypervolume {grid_hv:.5f}; "
               f"budget per method {budget:.0f} s; reference point (AP 0, {reference[1]:.4f} GFLOPs)", flush=True)

@@ -7,13 +7,18 @@ from search.job import Job, load_job
 
 DEMO_JOB = """\
 # The demo job: a small EfficientDet-Lite search on the synthetic shapes dataset, sized for 2 CPU cores.
+# The compound space (the paper's scaling rules, their constants searched) in its CPU-sized bounds, with the
+# default sampler (multivariate TPE) and stopper (Pareto successive halving, first rung at epoch 2).
 name: shapes-demo
 data:
   train: {annotations: shapes/train/annotations.json, images: shapes/train/images}
   val: {annotations: shapes/val/annotations.json, images: shapes/val/images}
 search:
-  space: lite_cpu
+  space: compound
+  bounds: {preset: cpu}
   trials: 8
+  # The paper's rule at the space's ends first: the baselines that the search's frontier is compared with.
+  enqueue: [rule:0, rule:1]
   # Two 1-core trials side by side train ~35% more images per second than one 2-core trial here,
   # and hide each other's Ray start-up time.
   max_concurrent_trials: 2

@@ -71,7 +71,8 @@ class MlflowTrialLogger(Callback):
         self.client.set_tag(run_id, FULL_BUDGET_TAG, "true" if full else "false")
         if result.get("latency_device"):
             self.client.set_tag(run_id, "effsearch.latency_device", str(result["latency_device"]))
-        checkpoint_path = result.get("checkpoint_path")
+        # A TorchTrainer's trial forwards its checkpoint's path; a one-worker trial reported it to Tune.
+        checkpoint_path = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
         state = COMPLETE if full else PRUNED  # a trial that returned before its last epoch was stopped early
         if full and checkpoint_path:
             try:

@@ -102,3 +102,64 @@ def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrup
     assert final["epoch"] == RECIPE.epochs and 1 <= final["resumed_from_epoch"] < RECIPE.epochs
     for key in ("loss", "map", "map_raw", "map_ema", "map50", "lr"):
         assert final[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
+
+
+def _trial_pids() -> list[int]:
+    """This test's one-worker Tune trial processes (Tune's function-trainable actors), among its descendants."""
+    pids = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if any("ImplicitFunc" in part for part in process.cmdline()):
+                pids.append(process.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tmp_path, monkeypatch):
+    """A one-worker trial trains in its Tune trial: killing that process after its first checkpoint makes Tune
+    restart the trial (resources.max_failures: 1), which continues from that checkpoint and completes, in one
+    MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from search.job import parse_job
+    from search.run import run_search
+    from search.states import COMPLETE, STATE_TAG
+    from search.tracking import PARENT_TAG
+
+    raw = {"name": "kill-trial", "data": {"train": shapes["train"], "val": shapes["val"]},
+           "search": {"trials": 1, "scheduler": "fifo", "seed": 0},
+           "train": {"epochs": 3, "batch_size": 8, "eval_every": 1},
+           "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 1}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    done = threading.Event()
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        while not done.is_set():
+            if list((tmp_path / "store" / "ray").glob("kill-trial-*/*/checkpoint_000000")):
+                for pid in _trial_pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    except ProcessLookupError:
+                        pass
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    try:
+        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)
+    finally:
+        done.set()
+        killer.join()
+        ray.shutdown()
+
+    assert killed, "the trial's process was never killed"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([outcome.experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    assert outcome.finished == 1 and run.data.tags[STATE_TAG] == COMPLETE
+    assert run.data.metrics["resumed_from_epoch"] >= 1
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "map")) == 3

@@ -10,7 +10,7 @@ from search.job import parse_job
 from search.promote import PREVIOUS, PRODUCTION, promote
 from search.searcher import REPEATS_ATTR
 from search.states import COMPLETE, FAILED, STATE_TAG
-from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, PARENT_TAG
+from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, MODEL_URI_TAG, PARENT_TAG
 
 # GFLOPs. With seed 1, the sampler's first random proposal costs 0.072 GFLOPs: over budget, so it never
 # becomes a trial.
@@ -18,7 +18,12 @@ BUDGET = 0.06
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, shapes):
+def search_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("search")
+
+
+@pytest.fixture(scope="module")
+def searched(search_folder, shapes):
     raw = {
         "name": "search-test",
         "data": {"train": shapes["train"], "val": shapes["val"]},
@@ -26,7 +31,7 @@ def searched(tmp_path_factory, shapes):
         "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
     }
-    with searched_store(tmp_path_factory.mktemp("search"), raw) as (outcome, client):
+    with searched_store(search_folder, raw) as (outcome, client):
         yield outcome, client, parse_job(raw)
 
 
@@ -57,6 +62,20 @@ def test_trained_trials_have_per_epoch_metrics_and_params(searched):
         assert run.data.metrics["map"] == max(run.data.metrics["map_raw"], run.data.metrics["map_ema"])
         assert run.data.params["backbone_family"] == "efficientnet_lite"
         assert run.data.tags[FULL_BUDGET_TAG] == "true"
+
+
+def test_a_one_worker_trial_trains_in_its_tune_trial_with_tune_checkpoints(searched, search_folder):
+    """No TorchTrainer for one worker: no Ray Train run folder, and each trial keeps its last two epochs as Tune
+    checkpoints, from which its MLflow model was logged."""
+    from search.trainable import CHECKPOINTS_KEPT
+
+    outcome, client, job = searched
+    trained = [r for r in _children(client, outcome) if r.info.status == "FINISHED"]
+    store = search_folder / "store" / "ray"
+    assert not list(store.glob("train-*")), "a one-worker trial started a Ray Train run"
+    checkpoints = sorted(store.glob("*/*/checkpoint_*"))
+    assert len(checkpoints) == CHECKPOINTS_KEPT * len(trained), checkpoints
+    assert all(run.data.tags.get(MODEL_URI_TAG) for run in trained)
 
 
 def test_over_budget_proposals_never_become_trials(searched):
