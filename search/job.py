@@ -47,7 +47,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    space: str = "lite_cpu"
+    # compound: the paper's scaling rules with their constants searched, in GPU-sized bounds unless
+    # `bounds` says otherwise ({preset: cpu} for the CPU-sized variant); lite_cpu and efficientdet: fixed rules.
+    space: str = "compound"
     trials: int = 8
     max_concurrent_trials: int = 1
     seed: int = 0

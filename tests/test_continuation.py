@@ -102,7 +102,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
     --resume` then continues: the study ends with exactly 3 trials, none repeated; the first keeps its values and
     its one MLflow run; the interrupted trial continues in its own run from its last checkpoint."""
     job = {"name": "resumed", "data": {"train": shapes["train"], "val": shapes["val"]},
-           "search": {"trials": 3, "scheduler": "fifo", "sampler": "random", "seed": 1},
+           "search": {"space": "lite_cpu", "trials": 3, "scheduler": "fifo", "sampler": "random", "seed": 1},
            "train": {"epochs": 3, "eval_every": 1}, "resources": {"cpus_per_worker": 1}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

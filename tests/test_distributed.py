@@ -10,7 +10,7 @@ def two_worker_run(tmp_path_factory, shapes):
     raw = {
         "name": "two-workers",
         "data": {"train": shapes["train"], "val": shapes["val"]},
-        "search": {"trials": 1, "seed": 0},
+        "search": {"space": "lite_cpu", "trials": 1, "seed": 0},
         "train": {"epochs": 2, "batch_size": 4, "eval_every": 1},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
     }

@@ -21,7 +21,7 @@ def test_defaults_and_overrides(tmp_path, shapes):
     path = tmp_path / "job.yaml"
     path.write_text(_job_text(shapes, search=["trials: 3", "max_gflops: 0.2"], train=["epochs: 2", "lr: 1"]))
     job = load_job(path)
-    assert job.search.trials == 3 and job.search.max_gflops == 0.2 and job.search.space == "lite_cpu"
+    assert job.search.trials == 3 and job.search.max_gflops == 0.2 and job.search.space == "compound"
     assert job.train.epochs == 2 and job.train.lr == 1.0 and job.train.batch_size == 16
     assert job.registered_model_name == "t"
 
@@ -47,14 +47,16 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"colour": ["x: 1"]}, "job.colour: unknown key"),
     ({"search": ["sampler: cma"]}, "job.search.sampler: must be one of tpe, nsga2, gp, random, got 'cma'"),
     ({"search": ["fixed: 512"]}, "job.search.fixed: must be a mapping of parameter: value, got 512"),
-    ({"search": ["fixed: {size: 512}"]}, "job.search.fixed.size: not a parameter of the lite_cpu space (its "
+    ({"search": ["space: lite_cpu", "fixed: {size: 512}"]}, "job.search.fixed.size: not a parameter of the "
+                                                             "lite_cpu space (its "
                                           "parameters: phi, fpn_channels, fpn_repeats)"),
     ({"search": ["space: efficientdet", "fixed: {image_size: 500}"]},
      "job.search.fixed.image_size: 500 is not one of the efficientdet space's values (384 to 896 in steps of 128)"),
     ({"search": ["space: efficientdet", "fixed: {fusion: max}"]},
      "job.search.fixed.fusion: 'max' is not one of the efficientdet space's values (one of fastattn, sum)"),
     ({"search": ["enqueue: rule:0"]}, "job.search.enqueue: must be a list"),
-    ({"search": ["enqueue: [rule:0]"]}, "job.search.enqueue[0]: 'rule:0': the scaling rule is a point of the "
+    ({"search": ["space: lite_cpu", "enqueue: [rule:0]"]}, "job.search.enqueue[0]: 'rule:0': the scaling rule "
+                                                           "is a point of the "
                                         "compound space, not lite_cpu"),
     ({"search": ["space: compound", "enqueue: [rule:0, rule:0.3]"]},
      "job.search.enqueue[1]: rule:0.3: phi must be one of the space's values (0 to 3 in steps of 0.5)"),
@@ -141,7 +143,10 @@ def test_backbone_weights_resolve_and_hold_the_searched_backbone_at_their_size(t
     path.write_text(_job_text(shapes, model=["backbone_weights: lite0.pth"]))
     job = load_job(path)
     assert job.model.backbone_weights == str((tmp_path / "lite0.pth").resolve())
-    proposal = _space(job)(optuna.trial.FixedTrial({"phi": 0.5, "fpn_channels": 48, "fpn_repeats": 2}))["spec"]
+    # The default (compound) space: phi scales resolution, BiFPN and heads; alpha and beta are not searched.
+    proposal = _space(job)(optuna.trial.FixedTrial({
+        "phi": 0.5, "fpn_width_base": 64, "fpn_width_growth": 1.35, "fpn_depth_base": 3, "fpn_depth_slope": 1.0,
+        "head_depth_base": 3}))["spec"]
     assert (proposal["backbone_family"], proposal["backbone_width"], proposal["backbone_depth"]) == \
         ("efficientnet_lite", 1.0, 1.0)
 
@@ -194,7 +199,8 @@ def test_each_sampler_is_seeded_and_proposes_from_the_space(tmp_path, shapes, sa
 
     def proposals(seed):
         path = tmp_path / f"job{seed}.yaml"
-        path.write_text(_job_text(shapes, search=["trials: 6", f"seed: {seed}", f"sampler: {sampler}"]))
+        path.write_text(_job_text(shapes, search=["space: lite_cpu", "trials: 6", f"seed: {seed}",
+                                                          f"sampler: {sampler}"]))
         job = load_job(path)
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=_sampler(job))
         specs = []

@@ -128,7 +128,7 @@ def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tm
     from search.tracking import PARENT_TAG
 
     raw = {"name": "kill-trial", "data": {"train": shapes["train"], "val": shapes["val"]},
-           "search": {"trials": 1, "scheduler": "fifo", "seed": 0},
+           "search": {"space": "lite_cpu", "trials": 1, "scheduler": "fifo", "seed": 0},
            "train": {"epochs": 3, "batch_size": 8, "eval_every": 1},
            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 1}}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

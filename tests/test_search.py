@@ -1,5 +1,6 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
 import re
+from dataclasses import replace
 
 import pytest
 from conftest import searched_store
@@ -27,7 +28,7 @@ def searched(search_folder, shapes):
     raw = {
         "name": "search-test",
         "data": {"train": shapes["train"], "val": shapes["val"]},
-        "search": {"trials": 3, "max_concurrent_trials": 2, "seed": 1, "max_gflops": BUDGET},
+        "search": {"space": "lite_cpu", "trials": 3, "max_concurrent_trials": 2, "seed": 1, "max_gflops": BUDGET},
         "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
     }
@@ -137,7 +138,7 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         "name": "diverging",
         "data": {"train": shapes["train"], "val": shapes["val"]},
         # One trial at a time: the second starts only after the first has failed.
-        "search": {"trials": 2, "max_concurrent_trials": 1, "seed": 0},
+        "search": {"space": "lite_cpu", "trials": 2, "max_concurrent_trials": 1, "seed": 0},
         "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e+12, "warmup_epochs": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
     }
@@ -153,15 +154,23 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
 
 
 def _raw(shapes, name, **sections):
-    return {"name": name, "data": {"train": shapes["train"], "val": shapes["val"]}, **sections}
+    """A test job on the shapes fixture, in the CPU-sized lite_cpu space unless its search section names one."""
+    search = {"space": "lite_cpu", **sections.pop("search", {})}
+    return {"name": name, "data": {"train": shapes["train"], "val": shapes["val"]}, "search": search, **sections}
 
 
 def test_a_search_with_every_train_setting_at_its_default(tmp_path, shapes):
-    """A new user keeps the README's train defaults (eval_every 2, EMA, jitter, amp auto...): this must work."""
+    """A new user keeps the README's defaults: the compound space in its GPU-sized bounds, the default sampler
+    and stopper, and every train setting (eval_every 2, EMA, jitter, amp auto...). Only phi is held at 0
+    (EfficientDet-D0's size, about 30 s an epoch on these 32 images here): D3 would take half an hour."""
+    from search.job import SearchConfig
     from trainers.recipe import TrainConfig
 
-    raw = _raw(shapes, "defaults", search={"trials": 1})
-    assert parse_job(raw).train == TrainConfig()
+    raw = {"name": "defaults", "data": {"train": shapes["train"], "val": shapes["val"]},
+           "search": {"trials": 1, "fixed": {"phi": 0}}}
+    job = parse_job(raw)
+    assert job.train == TrainConfig() and job.search.space == "compound" and job.search.bounds == {}
+    assert replace(job.search, trials=SearchConfig.trials, fixed={}) == SearchConfig()
     with searched_store(tmp_path, raw) as (outcome, client):
         (run,) = _children(client, outcome)
         assert outcome.finished == 1 and run.info.status == "FINISHED"
