@@ -23,7 +23,7 @@ from search.progress import ProgressPrinter
 from search.scheduler import make_scheduler
 from search.searcher import BudgetedOptunaSearch, GflopsCounter
 from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
-from search.trainable import CHECKPOINTS_KEPT, TrialSetup, run_trial, trial_resources
+from search.trainable import CHECKPOINTS_KEPT, TrialSetup, run_trial, trial_resources, trial_retries
 from search.states import FULL_BUDGET_KEY
 from search.trial_runs import MlflowTrialLogger
 from spaces import METRICS, MODES, enqueued_params, make_space, space_parameters
@@ -100,7 +100,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                                        trial_resources(job.resources))
         if record is not None:
             # Tune restores its trials, the searcher and the scheduler from its folder; finished trials stay
-            # finished, and interrupted ones restart, each Train run continuing from its last checkpoint.
+            # finished, and interrupted ones restart from their last checkpoint (Tune's for one worker,
+            # their Train run's for several).
             tuner = tune.Tuner.restore(record.tune_path, trainable=runnable, resume_unfinished=True)
         else:
             name = f"{job.name}-{parent_id[:8]}"
@@ -123,7 +124,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     # A one-worker trial trains in Tune's trial and resumes from Tune's checkpoints; several
                     # workers are restarted by their TorchTrainer instead, from Train's.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                    verbose=0, failure_config=tune.FailureConfig(max_failures=_tune_retries(job.resources),
+                    verbose=0, failure_config=tune.FailureConfig(max_failures=trial_retries(job.resources),
                                                                  fail_fast=False)),
             )
             save_record(store, job.name, SearchRecord(parent_id, str(Path(storage_path) / name)))
@@ -262,10 +263,6 @@ def _start_ray(address: str | None) -> None:
     # drivers sit beside workers that reserve whole cores.
     ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
-
-
-def _tune_retries(resources) -> int:
-    return resources.max_failures if resources.workers_per_trial == 1 else 0
 
 
 def _optuna_storage(path: Path):

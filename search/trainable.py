@@ -73,19 +73,30 @@ def run_trial(config: dict, *, setup: TrialSetup) -> None:
     resources = job.resources
     plan = TrialPlan(spec=spec, data=setup.data, recipe=job.train, backbone_weights=job.model.backbone_weights,
                      cpus_per_worker=resources.cpus_per_worker)
-    if resources.workers_per_trial == 1:
+    if trains_in_trial(resources):
         _fit_in_trial(plan, resources)
         return
     queue = Queue(actor_options={"num_cpus": 0})
     _fit_and_forward(_torch_trainer(plan, resources, setup.storage_path, ForwardReports(queue)), queue)
 
 
+def trains_in_trial(resources: ResourcesConfig) -> bool:
+    """One worker trains in the Tune trial's own process; several in a TorchTrainer's workers."""
+    return resources.workers_per_trial == 1
+
+
 def trial_resources(resources: ResourcesConfig) -> dict:
     """What Tune reserves for each trial: the one worker's own share, or a driver's token share beside the
     TorchTrainer's workers (which reserve their own)."""
-    if resources.workers_per_trial == 1:
+    if trains_in_trial(resources):
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
     return {"cpu": DRIVER_CPUS}
+
+
+def trial_retries(resources: ResourcesConfig) -> int:
+    """How often Tune restarts a failed trial: a one-worker trial's crashes are Tune's to retry, from its last
+    checkpoint; a TorchTrainer restarts its own workers (resources.max_failures), so Tune does not retry too."""
+    return resources.max_failures if trains_in_trial(resources) else 0
 
 
 def _fit_in_trial(plan: TrialPlan, resources: ResourcesConfig) -> None:

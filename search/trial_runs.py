@@ -11,6 +11,7 @@ from ray.tune import Callback
 from search.frontier import record_frontier
 from search.logged_model import log_model
 from search.states import COMPLETE, FAILED, FULL_BUDGET_KEY, PRUNED, STATE_TAG
+from search.trainable import CHECKPOINT_PATH_KEY
 from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, PARENT_TAG, TRIAL_ID_TAG
 
 # Per-epoch metrics worth a curve in the UI. Accuracy keys arrive only in epochs that were evaluated.
@@ -72,7 +73,7 @@ class MlflowTrialLogger(Callback):
         if result.get("latency_device"):
             self.client.set_tag(run_id, "effsearch.latency_device", str(result["latency_device"]))
         # A TorchTrainer's trial forwards its checkpoint's path; a one-worker trial reported it to Tune.
-        checkpoint_path = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
+        checkpoint_path = result.get(CHECKPOINT_PATH_KEY) or (trial.checkpoint.path if trial.checkpoint else None)
         state = COMPLETE if full else PRUNED  # a trial that returned before its last epoch was stopped early
         if full and checkpoint_path:
             try:

@@ -22,8 +22,9 @@ SPEC = ModelSpec(num_classes=3, backbone_family="efficientnet_lite", backbone_wi
 RECIPE = TrainConfig(epochs=5, batch_size=8, eval_every=1, threads=1, loader_workers=1)
 
 
-def _train_worker_pids() -> list[int]:
-    """The Train worker processes of the Ray runtime this test started: descendants of this process.
+def _descendant_pids(marker: str) -> list[int]:
+    """Processes of the Ray runtime this test started whose command line holds `marker`: descendants of this
+    process.
 
     ray.init started the raylet as this process's child, and the raylet started the workers, so only those
     are candidates: another user's Ray on a shared machine is never touched.
@@ -35,7 +36,7 @@ def _train_worker_pids() -> list[int]:
     pids = []
     for process in descendants:
         try:
-            if any("RayTrainWorker" in part for part in process.cmdline()):
+            if any(marker in part for part in process.cmdline()):
                 pids.append(process.pid)
         except psutil.Error:  # it ended while we looked
             pass
@@ -53,11 +54,12 @@ def _registered_checkpoints(run_folder) -> int:
     return len(snapshot.get("checkpoint_results") or [])
 
 
-def _kill_after_checkpoints(run_folder, count: int, done: threading.Event) -> list[int]:
+def _kill_when(ready, marker: str, done: threading.Event) -> list[int]:
+    """Once ready() holds, SIGKILL this test's processes marked `marker`; gives up when `done` is set."""
     killed: list[int] = []
     while not done.is_set():
-        if _registered_checkpoints(run_folder) >= count:
-            for pid in _train_worker_pids():
+        if ready():
+            for pid in _descendant_pids(marker):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -84,7 +86,8 @@ def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrup
         )
         done = threading.Event()
         killed: list[int] = []
-        killer = threading.Thread(target=lambda: killed.extend(_kill_after_checkpoints(tmp_path / "resume", 2, done)))
+        killer = threading.Thread(target=lambda: killed.extend(_kill_when(
+            lambda: _registered_checkpoints(tmp_path / "resume") >= 2, "RayTrainWorker", done)))
         killer.start()
         try:
             result = trainer.fit()
@@ -104,20 +107,8 @@ def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrup
         assert final[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
 
 
-def _trial_pids() -> list[int]:
-    """This test's one-worker Tune trial processes (Tune's function-trainable actors), among its descendants."""
-    pids = []
-    for process in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if any("ImplicitFunc" in part for part in process.cmdline()):
-                pids.append(process.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
 def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tmp_path, monkeypatch):
-    """A one-worker trial trains in its Tune trial: killing that process after its first checkpoint makes Tune
+    """A one-worker trial trains in its Tune trial: killing that process after its checkpoints began makes Tune
     restart the trial (resources.max_failures: 1), which continues from that checkpoint and completes, in one
     MLflow run."""
     from mlflow.tracking import MlflowClient
@@ -136,19 +127,12 @@ def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tm
     done = threading.Event()
     killed: list[int] = []
 
-    def kill_after_first_checkpoint() -> None:
-        while not done.is_set():
-            if list((tmp_path / "store" / "ray").glob("kill-trial-*/*/checkpoint_000000")):
-                for pid in _trial_pids():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                    except ProcessLookupError:
-                        pass
-                return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint)
+    # Tune's function-trainable actors are the one-worker trials' processes. The kill waits for epoch 2's
+    # checkpoint folder: by then Tune has registered epoch 1's (a folder appears before Tune registers it, and a
+    # kill in that gap restarts the trial from scratch, as it should, but then nothing is resumed to check).
+    trials = tmp_path / "store" / "ray"
+    killer = threading.Thread(target=lambda: killed.extend(_kill_when(
+        lambda: any(trials.glob("kill-trial-*/*/checkpoint_000001")), "ImplicitFunc", done)))
     killer.start()
     try:
         outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)
