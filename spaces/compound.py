@@ -9,12 +9,13 @@ its bounds and base).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
-from trainers.typed import ConfigError, from_mapping
+from spaces.bounds import check_ranges, parse_bounds
+from trainers.typed import ConfigError
 
 # alpha * beta^2 * gamma^2: the compound-scaling constraint (FLOPs about double per unit of phi).
 FLOPS_GROWTH = 2.0
@@ -46,11 +47,8 @@ class CompoundBounds:
     drop_path_rate: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("phi", "alpha", "beta", "fpn_width_base", "fpn_width_growth", "fpn_depth_base",
-                     "fpn_depth_slope", "head_depth_base"):
-            low, high = getattr(self, name)
-            if low > high:
-                raise ConfigError(f"{name}: low {low} is above high {high}")
+        check_ranges(self, ("phi", "alpha", "beta", "fpn_width_base", "fpn_width_growth", "fpn_depth_base",
+                            "fpn_depth_slope", "head_depth_base"))
         if self.phi[0] < 0:
             raise ConfigError(f"phi: must be >= 0, got {self.phi[0]}")
         if self.phi_step <= 0:
@@ -78,17 +76,7 @@ BOUNDS_PRESETS = {"gpu": CompoundBounds(), "cpu": CPU_BOUNDS}
 
 def compound_bounds(raw: Any, where: str = "job.search.bounds") -> CompoundBounds:
     """A job file's bounds: `preset` (gpu, the default, or cpu) with any of its fields overridden."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    overrides = dict(raw)
-    preset = overrides.pop("preset", "gpu")
-    if preset not in BOUNDS_PRESETS:
-        raise ConfigError(f"{where}.preset: must be one of {', '.join(BOUNDS_PRESETS)}, got {preset!r}")
-    unknown = sorted(set(overrides) - set(asdict(CPU_BOUNDS)))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (expected preset or one of: "
-                          f"{', '.join(asdict(CPU_BOUNDS))})")
-    return from_mapping(CompoundBounds, {**asdict(BOUNDS_PRESETS[preset]), **overrides}, where)
+    return parse_bounds(BOUNDS_PRESETS, raw, where)
 
 
 # The paper's constants (phi aside), as parameters of this space.

@@ -14,9 +14,12 @@ class OverBudget(Exception):
     """A configuration costs more FLOPs than the job allows; it is rejected without training."""
 
 
-def check_budget(spec: ModelSpec, max_gflops: float | None) -> float:
-    """Returns the spec's GFLOPs (multiply-adds, meta device), raising OverBudget if above max_gflops."""
-    gflops = model_cost(spec).gflops
-    if max_gflops is not None and gflops > max_gflops:
-        raise OverBudget(f"{gflops:.3f} GFLOPs exceeds the budget of {max_gflops:g} GFLOPs")
-    return gflops
+def check_budget(spec: ModelSpec, max_gflops: float | None, max_params_m: float | None = None) -> float:
+    """Returns the spec's GFLOPs (multiply-adds, meta device), raising OverBudget if above max_gflops or with
+    more than max_params_m million parameters."""
+    cost = model_cost(spec)
+    if max_gflops is not None and cost.gflops > max_gflops:
+        raise OverBudget(f"{cost.gflops:.3f} GFLOPs exceeds the budget of {max_gflops:g} GFLOPs")
+    if max_params_m is not None and cost.params_m > max_params_m:
+        raise OverBudget(f"{cost.params_m:.3f}M parameters exceed the budget of {max_params_m:g}M")
+    return cost.gflops

@@ -1,13 +1,17 @@
-"""Define-by-run search spaces: each is a function of an optuna.Trial that returns {"spec": {...}}."""
+"""Define-by-run search spaces, each a function of an optuna.Trial that returns {"spec": {...}} (and "train")."""
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import functools
+import math
+from typing import Any, Callable
 
 import optuna
 
+from spaces.bifpn import bifpn, bifpn_bounds
+from spaces.bifpn import preset_params as bifpn_preset_params
 from spaces.compound import compound, compound_bounds, rule_params
+from spaces.presets import PRESETS, preset
+from spaces.training import training, training_bounds
 from trainers.typed import ConfigError
 
 Space = Callable[..., dict[str, Any]]
@@ -80,16 +84,75 @@ def efficientdet(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> 
     return {"spec": spec}
 
 
-SPACES: dict[str, Space] = {"lite_cpu": lite_cpu, "efficientdet": efficientdet, "compound": compound}
+# Model spaces each propose a whole model; `training` proposes how it trains, beside exactly one of them.
+MODEL_SPACES: dict[str, Space] = {"compound": compound, "bifpn": bifpn, "lite_cpu": lite_cpu,
+                                  "efficientdet": efficientdet}
+SPACES: dict[str, Space] = {**MODEL_SPACES, "training": training}
+# The spaces that take bounds, and how each reads them.
+_BOUNDS = {"compound": compound_bounds, "bifpn": bifpn_bounds, "training": training_bounds}
 
 
-def make_space(name: str, bounds: dict | None = None) -> Space:
-    """The named space, with the job file's bounds where the space takes them (compound)."""
-    if name == "compound":
-        return functools.partial(compound, bounds=compound_bounds(bounds or {}))
-    if bounds:
-        raise ConfigError(f"job.search.bounds: only the compound space takes bounds, not {name}")
-    return SPACES[name]
+class ComposedSpace:
+    """Several spaces as one: each suggests its own parameters on the same trial, and their dicts merge section by
+    section ({"spec": ..., "train": ...}). A class, not a closure: Tune pickles the searcher and its space."""
+
+    def __init__(self, parts: list[tuple[str, Space]]):
+        self.parts = parts
+
+    def __call__(self, trial: optuna.Trial, backbone: FixedBackbone | None = None) -> dict[str, Any]:
+        merged: dict[str, dict[str, Any]] = {}
+        for name, part in self.parts:
+            proposed = part(trial, backbone=backbone) if name in MODEL_SPACES and backbone else part(trial)
+            for section, values in proposed.items():
+                merged.setdefault(section, {}).update(values)
+        return merged
+
+
+def space_names(space: str | list[str], where: str = "job.search.space") -> list[str]:
+    """The names a job's search.space composes: one model space, and optionally training beside it."""
+    names = [space] if isinstance(space, str) else list(space) if isinstance(space, (list, tuple)) else None
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{where}: expected a space name or a list of them, got {space!r}")
+    for name in names:
+        if name not in SPACES:
+            raise ConfigError(f"{where}: unknown space {name!r} (known: {', '.join(SPACES)})")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{where}: {names} names a space twice")
+    models = [name for name in names if name in MODEL_SPACES]
+    if len(models) != 1:
+        raise ConfigError(f"{where}: {names} must hold exactly one model space ({', '.join(MODEL_SPACES)}); "
+                          f"training searches how that model trains, e.g. [bifpn, training]")
+    return names
+
+
+def make_space(space: str | list[str], bounds: dict | None = None) -> Space:
+    """The job's space, with its bounds: for one space, `bounds` are its own; for a list, `bounds` maps each
+    space's name to its bounds."""
+    names = space_names(space)
+    bounds = bounds or {}
+    if len(names) == 1:
+        per_space, where = {names[0]: bounds}, "job.search.bounds"
+    else:
+        stray = sorted(set(map(str, bounds)) - set(names))
+        if stray:
+            raise ConfigError(f"job.search.bounds.{stray[0]}: with several spaces, bounds are keyed by space name "
+                              f"({', '.join(names)})")
+        per_space, where = bounds, None
+    parts = []
+    for name in names:
+        raw = per_space.get(name) or {}
+        here = where or f"job.search.bounds.{name}"
+        if name in _BOUNDS:
+            parts.append((name, functools.partial(SPACES[name], bounds=_BOUNDS[name](raw, here))))
+        elif raw:
+            raise ConfigError(f"{here}: the {name} space takes no bounds (those that do: {', '.join(_BOUNDS)})")
+        else:
+            parts.append((name, SPACES[name]))
+    return parts[0][1] if len(parts) == 1 else ComposedSpace(parts)
+
+
+def space_label(space: str | list[str]) -> str:
+    return space if isinstance(space, str) else " + ".join(space)
 
 
 def space_parameters(space: Space) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -104,40 +167,69 @@ def space_parameters(space: Space) -> dict[str, optuna.distributions.BaseDistrib
     return dict(trial.distributions)
 
 
-def fixed_value_problems(name: str, fixed: dict[str, Any], bounds: dict | None = None) -> list[str]:
-    """What is wrong with holding the named space's parameters at `fixed`: one "key: reason" line each."""
-    return _value_problems(name, space_parameters(make_space(name, bounds)), fixed)
+def fixed_value_problems(space: str | list[str], fixed: dict[str, Any], bounds: dict | None = None) -> list[str]:
+    """What is wrong with holding the space's parameters at `fixed`: one "key: reason" line each."""
+    return _value_problems(space_label(space), space_parameters(make_space(space, bounds)), fixed)
 
 
 RULE_PREFIX = "rule:"
+# EfficientDet-DN is the paper's rule at phi N (its Table 1 rounds the rule); D7x, a B7 backbone with P8 added,
+# is no point of the rule, and stands at D7's phi.
+PRESET_PHI = {name: (7.0 if name == "d7x" else float(name[1:])) for name in PRESETS}
 
 
-def enqueued_params(name: str, entries: list, bounds: dict | None = None) -> list[dict[str, Any]]:
-    """search.enqueue as parameter dicts, the first trials of a search: "rule:PHI" is the paper's scaling rule at
-    PHI (compound space only), and a mapping holds some of the space's parameters (the sampler picks the rest)."""
-    distributions = space_parameters(make_space(name, bounds))
-    points = []
+def enqueued_params(space: str | list[str], entries: list, bounds: dict | None = None) -> list[dict[str, Any]]:
+    """search.enqueue as parameter dicts, the first trials of a search. "rule:PHI" is the paper's scaling rule at
+    PHI (needs the compound space). A preset d0..d7x is the space's point nearest that EfficientDet: in compound
+    the rule at phi N, phi clamped into the bounds; in bifpn the preset's BiFPN channels and cells, head repeats,
+    fusion and resolution, each clamped into the bounds, on the job's backbone. A mapping holds some of the
+    space's parameters. The sampler picks every parameter a point leaves out. Two entries that land on the same
+    point (d2 and d3 where the bounds stop below both) are an error that names them."""
+    names = space_names(space)
+    label = space_label(space)
+    distributions = space_parameters(make_space(space, bounds))
+    per_space = {names[0]: bounds or {}} if len(names) == 1 else (bounds or {})
+    points: list[dict[str, Any]] = []
     for index, entry in enumerate(entries):
         where = f"job.search.enqueue[{index}]"
         if isinstance(entry, str) and entry.startswith(RULE_PREFIX):
-            if name != "compound":
-                raise ConfigError(f"{where}: {entry!r}: the scaling rule is a point of the compound space, not {name}")
+            if "compound" not in names:
+                raise ConfigError(f"{where}: {entry!r}: the scaling rule is a point of the compound space, not {label}")
             try:
                 phi = float(entry[len(RULE_PREFIX):])
             except ValueError:
                 raise ConfigError(f"{where}: {entry!r}: expected rule:PHI with a number, e.g. rule:0.5") from None
             try:
-                points.append(rule_params(phi, compound_bounds(bounds or {})))
+                point = rule_params(phi, compound_bounds(per_space.get("compound") or {}))
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from None
+        elif isinstance(entry, str) and entry.lower() in PRESETS:
+            point = _preset_point(entry.lower(), names, per_space, where, label)
         elif isinstance(entry, dict) and entry:
-            problems = _value_problems(name, distributions, entry)
+            problems = _value_problems(label, distributions, entry)
             if problems:
                 raise ConfigError(f"{where}.{problems[0]}")
-            points.append(dict(entry))
+            point = dict(entry)
         else:
-            raise ConfigError(f"{where}: expected rule:PHI or a mapping of parameter: value, got {entry!r}")
+            raise ConfigError(f"{where}: expected rule:PHI, a preset ({', '.join(PRESETS)}) or a mapping of "
+                              f"parameter: value, got {entry!r}")
+        if point in points:
+            raise ConfigError(f"{where}: {entry!r} is the same point as job.search.enqueue[{points.index(point)}] "
+                              f"within the job's bounds ({point}); leave one of them out")
+        points.append(point)
     return points
+
+
+def _preset_point(name: str, names: list[str], per_space: dict, where: str, label: str) -> dict[str, Any]:
+    if "compound" in names:
+        b = compound_bounds(per_space.get("compound") or {})
+        low, high = b.phi
+        # The grid point at or below the preset's phi (clamped into the bounds), so it stays inside them.
+        phi = low + b.phi_step * math.floor((min(max(PRESET_PHI[name], low), high) - low) / b.phi_step + 1e-9)
+        return rule_params(phi, b)
+    if "bifpn" in names:
+        return bifpn_preset_params(preset(name).to_dict(), bifpn_bounds(per_space.get("bifpn") or {}))
+    raise ConfigError(f"{where}: {name!r}: presets are points of the compound and bifpn spaces, not {label}")
 
 
 def _value_problems(name: str, distributions: dict, values: dict[str, Any]) -> list[str]:

@@ -38,14 +38,25 @@ def _required(field: dataclasses.Field) -> bool:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
             return None
-        hint = next(option for option in options if option is not type(None))
+        # The first option the value fits (str | list[str] takes "a" or ["a", "b"]); else the first one's error.
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, where)
-    if typing.get_origin(hint) is tuple:
-        items = typing.get_args(hint)
+    origin, items = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list or (origin is tuple and len(items) == 2 and items[1] is Ellipsis):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list, got {value!r}")
+        return origin(_coerce(item, items[0], f"{where}[{i}]") for i, item in enumerate(value))
+    if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(f"{where}: must be a list of {len(items)} values, got {value!r}")
         return tuple(_coerce(item, kind, f"{where}[{i}]") for i, (item, kind) in enumerate(zip(value, items)))
