@@ -133,10 +133,12 @@ def _search(args) -> int:
 def _run_and_report(job, address=None, **continuation):
     from search.frontier import format_table
     from search.run import run_search
+    from spaces import space_label
     from search.tracking import tracking_uri
 
     print(f"tracking store: {tracking_uri()}  experiment: {job.name}")
-    print(f"searching {job.search.trials} trials of space {job.search.space!r}, {job.train.epochs} epochs each")
+    print(f"searching {job.search.trials} trials of space {space_label(job.search.space)}, {job.train.epochs} epochs "
+          f"each")
     outcome = run_search(job, ray_address=address, **continuation)
     stopped = f" ({outcome.pruned} of them stopped early by the scheduler)" if outcome.pruned else ""
     print(f"\n{outcome.finished} trials finished{stopped}, {outcome.failed} did not train. "

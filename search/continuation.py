@@ -16,11 +16,11 @@ import optuna
 from optuna.trial import TrialState
 
 from search.job import JobError
-from search.searcher import BUDGET_CONSTRAINT, GFLOPS_ATTR, REPEATS_ATTR
+from search.searcher import GFLOPS_ATTR, PARAMS_ATTR, REPEATS_ATTR, Budget
 
 # How Trial.set_constraint names a constraint in a trial's system attributes; a copied trial is built whole with
-# create_trial, so it gets its constraint this way (tests/test_search.py reads it back through the sampler's view).
-_CONSTRAINT_KEY = f"{optuna.study._constrained_optimization._CONSTRAINTS_KEY}:{BUDGET_CONSTRAINT}"
+# create_trial, so it gets its constraints this way (tests/test_search.py reads them back through the sampler's view).
+_CONSTRAINTS_PREFIX = optuna.study._constrained_optimization._CONSTRAINTS_KEY
 
 WARM_START_ATTR = "effsearch.warm_start"  # on a copied trial: "<study>#<number>" of the trial it copies
 
@@ -61,10 +61,11 @@ def record_to_resume(store: Path, job_name: str) -> SearchRecord:
 
 
 def warm_start(storage, source: str, study_name: str, directions: list[str],
-               distributions: dict[str, optuna.distributions.BaseDistribution], max_gflops: float | None) -> int:
+               distributions: dict[str, optuna.distributions.BaseDistribution], budget: Budget) -> int:
     """Copy the complete trials of study `source` (both objectives, their parameters) into `study_name`, which
     must search the same space; returns how many were copied. Copying twice adds nothing. Under a budget each
-    copy carries its own constraint (GFLOPs over max_gflops), as the new search's own trials do."""
+    copy carries its own constraints (its GFLOPs and parameters over the limits), as the new search's own trials
+    do."""
     if source == study_name:
         raise JobError(f"--warm-start {source}: a search already continues its own job's study; name another job")
     try:
@@ -87,8 +88,8 @@ def warm_start(storage, source: str, study_name: str, directions: list[str],
     fresh = [optuna.trial.create_trial(
         params=t.params, distributions=t.distributions, values=t.values,
         user_attrs={**t.user_attrs, WARM_START_ATTR: f"{source}#{t.number}"},
-        system_attrs={_CONSTRAINT_KEY: t.user_attrs[GFLOPS_ATTR] - max_gflops}
-        if max_gflops is not None and GFLOPS_ATTR in t.user_attrs else {})
+        system_attrs={f"{_CONSTRAINTS_PREFIX}:{name}": over for name, over in
+                      budget.constraints_of(t.user_attrs.get(GFLOPS_ATTR), t.user_attrs.get(PARAMS_ATTR)).items()})
         for t in complete if f"{source}#{t.number}" not in copied]
     new.add_trials(fresh)
     return len(fresh)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from spaces import SPACES, enqueued_params, fixed_value_problems, make_space
+from spaces import enqueued_params, fixed_value_problems, make_space, space_names
 from trainers.recipe import TrainConfig
 from trainers.validate import CHECK_MODES
 from trainers.typed import ConfigError, from_mapping
@@ -48,8 +48,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     # compound: the paper's scaling rules with their constants searched, in GPU-sized bounds unless
-    # `bounds` says otherwise ({preset: cpu} for the CPU-sized variant); lite_cpu and efficientdet: fixed rules.
-    space: str = "compound"
+    # `bounds` says otherwise ({preset: cpu} for the CPU-sized variant); bifpn: the BiFPN, heads and resolution
+    # searched directly on one backbone; lite_cpu and efficientdet: fixed rules. A list composes one of these
+    # with `training` (lr, weight decay, warmup, batch size, focal loss): [bifpn, training].
+    space: str | list[str] = "compound"
     trials: int = 8
     max_concurrent_trials: int = 1
     seed: int = 0
@@ -59,13 +61,15 @@ class SearchConfig:
     grace_period: int = 2  # epochs before the first rung; rungs at grace, grace*eta, ... below train.epochs
     reduction_factor: float = 3  # eta: each rung continues the best 1/eta of the trials that reached it
     max_gflops: float | None = None  # configurations above this are rejected before training
+    max_params_m: float | None = None  # and those with more parameters than this, in millions
     # Parameters of the space held at one value, e.g. {image_size: 512}: Optuna's PartialFixedSampler
     # hands the space these values and samples the rest.
     fixed: dict[str, Any] = field(default_factory=dict)
-    # The compound space's bounds: {preset: gpu | cpu, ...any CompoundBounds field} (spaces/compound.py).
+    # The space's bounds: {preset: gpu | cpu, ...any field of its bounds} (spaces/compound.py, bifpn.py,
+    # training.py). With a list of spaces, keyed by space: {bifpn: {preset: cpu}, training: {lr: [0.001, 0.01]}}.
     bounds: dict[str, Any] = field(default_factory=dict)
-    # The first trials, before the sampler proposes: "rule:PHI" (the paper's scaling rule at PHI, compound space)
-    # or a mapping of some of the space's parameters.
+    # The first trials, before the sampler proposes: "rule:PHI" (the paper's scaling rule at PHI, compound space),
+    # a preset d0..d7x (its nearest point within the bounds), or a mapping of some of the space's parameters.
     enqueue: list[Any] = field(default_factory=list)
 
 
@@ -123,13 +127,18 @@ def parse_job(raw: Any, *, source: str = "job", base_dir: Path | str = ".") -> J
 
 def _check_values(job: Job, source: str) -> None:
     problems = []
-    if job.search.space not in SPACES:
-        problems.append(f"job.search.space: unknown space {job.search.space!r} (known: {', '.join(SPACES)})")
+    try:
+        space_names(job.search.space)
+        space_ok = True
+    except ConfigError as err:
+        problems.append(str(err))
+        space_ok = False
     for key in ("trials", "max_concurrent_trials"):
         if getattr(job.search, key) < 1:
             problems.append(f"job.search.{key}: must be >= 1")
-    if job.search.max_gflops is not None and job.search.max_gflops <= 0:
-        problems.append("job.search.max_gflops: must be > 0")
+    for key in ("max_gflops", "max_params_m"):
+        if getattr(job.search, key) is not None and getattr(job.search, key) <= 0:
+            problems.append(f"job.search.{key}: must be > 0")
     if job.search.sampler not in SAMPLERS:
         problems.append(f"job.search.sampler: must be one of {', '.join(SAMPLERS)}, got {job.search.sampler!r}")
     if job.search.scheduler not in SCHEDULERS:
@@ -140,20 +149,20 @@ def _check_values(job: Job, source: str) -> None:
         problems.append("job.search.reduction_factor: must be > 1")
     if not isinstance(job.search.bounds, dict):
         problems.append(f"job.search.bounds: must be a mapping, got {job.search.bounds!r}")
-    elif job.search.space in SPACES:
+    elif space_ok:
         try:
             make_space(job.search.space, job.search.bounds)
         except ConfigError as err:
             problems.append(str(err))
     if not isinstance(job.search.fixed, dict):
         problems.append(f"job.search.fixed: must be a mapping of parameter: value, got {job.search.fixed!r}")
-    elif job.search.space in SPACES and not problems:
+    elif space_ok and not problems:
         problems.extend(f"job.search.fixed.{problem}" for problem in
                         fixed_value_problems(job.search.space, job.search.fixed, job.search.bounds))
     if not isinstance(job.search.enqueue, list):
-        problems.append(f"job.search.enqueue: must be a list of rule:PHI or parameter mappings, got "
+        problems.append(f"job.search.enqueue: must be a list of rule:PHI, presets or parameter mappings, got "
                         f"{job.search.enqueue!r}")
-    elif job.search.space in SPACES and not problems:
+    elif space_ok and not problems:
         try:
             enqueued_params(job.search.space, job.search.enqueue, job.search.bounds)
         except ConfigError as err:

@@ -21,7 +21,7 @@ from search.frontier import TrialPoint, record_frontier
 from search.job import Job, JobError
 from search.progress import ProgressPrinter
 from search.scheduler import make_scheduler
-from search.searcher import BudgetedOptunaSearch, GflopsCounter
+from search.searcher import Budget, BudgetedOptunaSearch, CostCounter
 from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
 from search.trainable import CHECKPOINTS_KEPT, TrialSetup, run_trial, trial_resources, trial_retries
 from search.states import FULL_BUDGET_KEY
@@ -62,8 +62,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         check=job.data.check, cache_bytes_per_node=int(job.data.cache_gib * 2**30), say=say)
     for report in reports.values():
         say(f"data: {report.summary()}")
-    _check_fits(job, data)
     space = _space(job)
+    _check_fits(job, data, space)
     journal = _optuna_storage(store / "optuna.journal")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -85,15 +85,14 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             for split, report in reports.items():
                 client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
         if warm_start_from and record is None:
-            copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space),
-                                job.search.max_gflops)
+            copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space), _budget(job))
             client.set_tag(parent_id, WARM_START_TAG, warm_start_from)
             say(f"warm start: {copied} complete trials of {warm_start_from!r} seed this search's study")
         storage_path = str(store / "ray")
         setup = TrialSetup(job=job, data=data, storage_path=storage_path)
         _start_ray(ray_address)
         searcher = BudgetedOptunaSearch(
-            space, gflops_of=GflopsCounter(data.train.num_classes), max_gflops=job.search.max_gflops,
+            space, cost_of=CostCounter(data.train.num_classes), budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
             study_name=job.name, storage=journal)
         runnable = tune.with_resources(tune.with_parameters(trainable, setup=setup),
@@ -170,9 +169,13 @@ def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOp
     client.log_metric(parent_id, "infeasible_proposals", infeasible)
     client.log_metric(parent_id, "feasible_share_first_half", share[0])
     client.log_metric(parent_id, "feasible_share_second_half", share[1])
-    say(f"budget: {infeasible} of {len(searcher.proposals)} proposals were over max_gflops and never started; "
+    say(f"budget: {infeasible} of {len(searcher.proposals)} proposals were over budget and never started; "
         f"within budget: {share[0]:.0%} of the first half, {share[1]:.0%} of the second")
     return share
+
+
+def _budget(job: Job) -> Budget:
+    return Budget(job.search.max_gflops, job.search.max_params_m)
 
 
 def _sampler(job: Job) -> optuna.samplers.BaseSampler:
@@ -205,13 +208,17 @@ def _enqueued(job: Job, space) -> list[dict] | None:
     return points or None
 
 
-def _check_fits(job: Job, data: TrainingData) -> None:
-    """A training split smaller than one global batch trains nothing: say so before Ray starts."""
-    global_batch = job.train.batch_size * job.resources.workers_per_trial
+def _check_fits(job: Job, data: TrainingData, space) -> None:
+    """A training split smaller than one global batch trains nothing: say so before Ray starts. Where the space
+    searches the batch size, its largest choice must fit."""
+    searched = space_parameters(space).get("batch_size")
+    batch, key = ((max(searched.choices), "the largest of the space's batch_size choices") if searched is not None
+                  else (job.train.batch_size, "train.batch_size"))
+    global_batch = batch * job.resources.workers_per_trial
     if len(data.train) < global_batch:
         raise DataError(f"{data.train.annotation_file}: {len(data.train)} images are fewer than one global batch "
-                        f"(train.batch_size {job.train.batch_size} x resources.workers_per_trial "
-                        f"{job.resources.workers_per_trial} = {global_batch})")
+                        f"({key}, {batch}, x resources.workers_per_trial {job.resources.workers_per_trial} = "
+                        f"{global_batch})")
 
 
 def _space(job: Job):

@@ -1,19 +1,20 @@
-"""Ray's OptunaSearch with each proposal checked in the driver: one over the FLOPs budget, or one already trained
-in this search, never starts a trial.
+"""Ray's OptunaSearch with each proposal checked in the driver: one over the budget (GFLOPs, parameters), or one
+already trained in this search, never starts a trial.
 
 Written here because neither library has it: Ray's searcher has no hook between a proposal and a trial start,
-and Optuna's samplers only learn a constraint from a trial that was told. Every proposal gets its GFLOPs over
-the budget as an Optuna constraint (`Trial.set_constraint`: feasible at <= 0), and an over-budget one is
+and Optuna's samplers only learn a constraint from a trial that was told. Every proposal gets its cost over
+each limit as an Optuna constraint (`Trial.set_constraint`: feasible at <= 0), and an over-budget one is
 told at once, as PRUNED, so TPE, NSGA-II and GP rank it infeasible and steer away from it. Optuna gets its
 own state and the true cost, never a made-up objective value. Then the searcher asks again.
 
-A proposal whose model spec equals one already trained in the study (in this search, an earlier search of the
-job, or a warm start) is told to Optuna with that trial's own results (COMPLETE, tagged with the trial it
-repeats) and is not trained again.
+A proposal whose configuration (model spec, and searched training settings) equals one already trained in the
+study (in this search, an earlier search of the job, or a warm start) is told to Optuna with that trial's own
+results (COMPLETE, tagged with the trial it repeats) and is not trained again.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import optuna
@@ -22,30 +23,74 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.states import FULL_BUDGET_KEY, INFEASIBLE, PRUNED, STATE_TAG
-from trainers.cost import model_cost
+from trainers.cost import ModelCost, model_cost
 from trainers.spec import ModelSpec
 
 GFLOPS_ATTR = "gflops"
+PARAMS_ATTR = "params_m"
 REPEATS_ATTR = "effsearch.repeats_trial"  # on a repeated proposal: the Optuna number of the trial it repeats
-BUDGET_CONSTRAINT = "gflops_over_budget"
 # Proposals in a row over budget before the search gives up on the space.
 MAX_PROPOSALS = 500
 
 
-class GflopsCounter:
-    """GFLOPs of a proposed spec dict, each configuration counted once (a count builds the model on meta).
-    A class, not a closure: Tune pickles the searcher with its controller's checkpoints."""
+@dataclass(frozen=True)
+class Budget:
+    """search.max_gflops and search.max_params_m; each set limit is one Optuna constraint."""
+
+    max_gflops: float | None = None
+    max_params_m: float | None = None
+
+    def constraints(self, cost: ModelCost) -> dict[str, float]:
+        """Optuna constraint name -> how far over that limit the cost is (feasible at <= 0)."""
+        found = {}
+        if self.max_gflops is not None:
+            found["gflops_over_budget"] = cost.gflops - self.max_gflops
+        if self.max_params_m is not None:
+            found["params_m_over_budget"] = cost.params_m - self.max_params_m
+        return found
+
+    def describe(self) -> str:
+        limits = [f"search.{key} {value:g}" for key, value in (("max_gflops", self.max_gflops),
+                                                               ("max_params_m", self.max_params_m)) if value is not None]
+        return ", ".join(limits) or "none set"
+
+    def constraints_of(self, gflops: float | None, params_m: float | None) -> dict[str, float]:
+        """As constraints(), from recorded figures (a copied trial's user attributes); a figure not recorded
+        leaves its constraint out."""
+        found = {}
+        if self.max_gflops is not None and gflops is not None:
+            found["gflops_over_budget"] = gflops - self.max_gflops
+        if self.max_params_m is not None and params_m is not None:
+            found["params_m_over_budget"] = params_m - self.max_params_m
+        return found
+
+
+class CostCounter:
+    """GFLOPs and parameters of a proposed spec dict, each configuration counted once (a count builds the model on
+    meta). A class, not a closure: Tune pickles the searcher with its controller's checkpoints."""
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
-        self.counted: dict[str, float] = {}
+        self.counted: dict[str, ModelCost] = {}
 
-    def __call__(self, spec: dict) -> float:
-        key = json.dumps(spec, sort_keys=True)
+    def __call__(self, spec: dict) -> ModelCost:
+        # The loss settings change no cost: configurations that differ only there are counted once.
+        key = json.dumps({k: v for k, v in spec.items() if not k.startswith("focal_")}, sort_keys=True)
         if key not in self.counted:
             self.counted[key] = model_cost(ModelSpec.from_dict({**spec, "num_classes": self.num_classes},
-                                                               where="proposed spec")).gflops
+                                                               where="proposed spec"))
         return self.counted[key]
+
+
+# What a space returns, and what trains: a proposal also carries the raw parameters at its top level (Ray's
+# OptunaSearch merges them in), which are not part of what trains.
+TRAINED_SECTIONS = ("spec", "train")
+
+
+def configuration_key(config: dict) -> str:
+    """One string per trained configuration: its model spec and any searched training settings."""
+    return json.dumps({section: config[section] for section in TRAINED_SECTIONS if section in config},
+                      sort_keys=True)
 
 
 class BudgetedOptunaSearch(OptunaSearch):
@@ -53,8 +98,8 @@ class BudgetedOptunaSearch(OptunaSearch):
     keeps (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are turned away it ends
     the search (Searcher.FINISHED) and says why in `exhausted`."""
 
-    def __init__(self, space, *, gflops_of: Callable[[dict], float], max_gflops: float | None, **kwargs):
-        self._gflops_of, self._max_gflops = gflops_of, max_gflops
+    def __init__(self, space, *, cost_of: Callable[[dict], ModelCost], budget: Budget = Budget(), **kwargs):
+        self._cost_of, self._budget = cost_of, budget
         self.proposals: list[tuple[float, bool]] = []
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.exhausted = ""
@@ -70,23 +115,26 @@ class BudgetedOptunaSearch(OptunaSearch):
             if REPEATS_ATTR in trial.user_attrs:
                 continue
             try:
-                spec = self._space(optuna.trial.FixedTrial(trial.params))["spec"]
+                config = self._space(optuna.trial.FixedTrial(trial.params))
             except Exception:  # parameters of another space: nothing to match
                 continue
-            self._trained.setdefault(json.dumps(spec, sort_keys=True), (list(trial.values), trial.number))
+            self._trained.setdefault(configuration_key(config), (list(trial.values), trial.number))
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         for _ in range(MAX_PROPOSALS):
             config = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
-            gflops = self._gflops_of(config["spec"])
-            ot_trial.set_user_attr(GFLOPS_ATTR, gflops)
-            feasible = self._max_gflops is None or gflops <= self._max_gflops
-            if self._max_gflops is not None:
-                ot_trial.set_constraint(BUDGET_CONSTRAINT, gflops - self._max_gflops)
-            self.proposals.append((gflops, feasible))
-            # The model is what trains: parameters that do not change it (alpha and beta at phi 0) make no new trial.
-            key = json.dumps(config["spec"], sort_keys=True)
+            cost = self._cost_of(config["spec"])
+            ot_trial.set_user_attr(GFLOPS_ATTR, cost.gflops)
+            ot_trial.set_user_attr(PARAMS_ATTR, cost.params_m)
+            constraints = self._budget.constraints(cost)
+            for name, over in constraints.items():
+                ot_trial.set_constraint(name, over)
+            feasible = all(over <= 0 for over in constraints.values())
+            self.proposals.append((cost.gflops, feasible))
+            # What trains is the configuration, not the parameters: ones that do not change it (alpha and beta at
+            # phi 0) make no new trial.
+            key = configuration_key(config)
             if feasible and key not in self._trained:
                 self._key_of[trial_id] = key
                 return config
@@ -99,8 +147,9 @@ class BudgetedOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(REPEATS_ATTR, number)
                 self._ot_study.tell(ot_trial, values)
                 self.repeats += 1
-        self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were above search.max_gflops or already trained "
-                          f"(the cheapest {min(g for g, _ in self.proposals[-MAX_PROPOSALS:]):.3f} GFLOPs): "
+        self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were over the budget ({self._budget.describe()}) "
+                          f"or already trained (the cheapest {min(g for g, _ in self.proposals[-MAX_PROPOSALS:]):.3f} "
+                          f"GFLOPs): "
                           f"raise the budget, widen the space, or ask for fewer trials")
         return Searcher.FINISHED
 

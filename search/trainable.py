@@ -29,7 +29,9 @@ from search.job import Job, ResourcesConfig
 from spaces import check_budget
 from trainers.annotations import TrainingData
 from trainers.loop import TrialPlan, fit, train_worker
+from trainers.recipe import TrainConfig
 from trainers.spec import ModelSpec
+from trainers.typed import from_mapping
 
 # A multi-worker trial's driver only waits on its TorchTrainer; Ray needs a nonzero reservation to place it.
 DRIVER_CPUS = 0.01
@@ -65,19 +67,26 @@ class TrialSetup:
 
 
 def run_trial(config: dict, *, setup: TrialSetup) -> None:
-    """config is what the search space proposed ({"spec": {...}}); setup holds everything constant."""
+    """config is what the search space proposed ({"spec": {...}}, and "train" where the training space is
+    searched); setup holds everything constant."""
     job = setup.job
     spec = ModelSpec.from_dict({**config["spec"], "num_classes": setup.data.train.num_classes}, where="trial spec")
     # Rejected before any worker starts: an over-budget configuration costs no accelerator time.
-    check_budget(spec, job.search.max_gflops)
+    check_budget(spec, job.search.max_gflops, job.search.max_params_m)
     resources = job.resources
-    plan = TrialPlan(spec=spec, data=setup.data, recipe=job.train, backbone_weights=job.model.backbone_weights,
-                     cpus_per_worker=resources.cpus_per_worker)
+    plan = TrialPlan(spec=spec, data=setup.data, recipe=trial_recipe(job.train, config),
+                     backbone_weights=job.model.backbone_weights, cpus_per_worker=resources.cpus_per_worker)
     if trains_in_trial(resources):
         _fit_in_trial(plan, resources)
         return
     queue = Queue(actor_options={"num_cpus": 0})
     _fit_and_forward(_torch_trainer(plan, resources, setup.storage_path, ForwardReports(queue)), queue)
+
+
+def trial_recipe(recipe: TrainConfig, config: dict) -> TrainConfig:
+    """The job's training settings with the ones this trial's proposal searched (config["train"]) in their place."""
+    searched = config.get("train") or {}
+    return from_mapping(TrainConfig, {**recipe.to_dict(), **searched}, "trial train") if searched else recipe
 
 
 def trains_in_trial(resources: ResourcesConfig) -> bool:

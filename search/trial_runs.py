@@ -46,8 +46,10 @@ class MlflowTrialLogger(Callback):
             run = self.client.create_run(
                 self.experiment_id, run_name=f"trial-{trial.trial_id}",
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id})
-            spec = trial.config.get("spec", {})
-            for key, value in spec.items():
+            # The model spec's fields by name, and training settings the space searched as train.KEY.
+            params = {**trial.config.get("spec", {}),
+                      **{f"train.{key}": value for key, value in trial.config.get("train", {}).items()}}
+            for key, value in params.items():
                 self.client.log_param(run.info.run_id, key, value)
             self.run_ids[trial.trial_id] = run.info.run_id
         return self.run_ids[trial.trial_id]

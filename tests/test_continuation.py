@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from search.continuation import WARM_START_ATTR, warm_start
 from search.job import JobError
+from search.searcher import Budget
 from search.states import STATE_TAG
 from search.tracking import PARENT_TAG, TRIAL_ID_TAG
 
@@ -29,29 +30,35 @@ def _study_with(storage, name, points, distributions):
     study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
     for params, values in points:
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values,
-                                                  user_attrs={"gflops": values[1]}))
+                                                  user_attrs={"gflops": values[1], "params_m": 10 * values[1]}))
     return study
 
 
 def test_warm_start_copies_complete_trials_once_and_refuses_another_space(tmp_path):
-    from search.continuation import _CONSTRAINT_KEY
+    from search.continuation import _CONSTRAINTS_PREFIX
 
+    gflops_key, params_key = f"{_CONSTRAINTS_PREFIX}:gflops_over_budget", f"{_CONSTRAINTS_PREFIX}:params_m_over_budget"
     storage = _journal(tmp_path / "optuna.journal")
     space = {"phi": optuna.distributions.FloatDistribution(0, 1, step=0.5)}
     _study_with(storage, "first", [({"phi": 0.0}, [0.2, 0.05]), ({"phi": 1.0}, [0.4, 0.1])], space)
-    assert warm_start(storage, "first", "second", ["max", "min"], space, max_gflops=0.08) == 2
-    assert warm_start(storage, "first", "second", ["max", "min"], space, max_gflops=0.08) == 0  # once only
+    assert warm_start(storage, "first", "second", ["max", "min"], space, Budget(max_gflops=0.08)) == 2
+    assert warm_start(storage, "first", "second", ["max", "min"], space, Budget(max_gflops=0.08)) == 0  # once only
     second = optuna.load_study(study_name="second", storage=storage)
     assert [t.values for t in second.trials] == [[0.2, 0.05], [0.4, 0.1]]
     assert [t.user_attrs[WARM_START_ATTR] for t in second.trials] == ["first#0", "first#1"]
     # Under the new budget, the copies carry their constraint as the search's own trials do: 0.1 is over 0.08.
-    assert [t.system_attrs[_CONSTRAINT_KEY] for t in second.trials] == pytest.approx([-0.03, 0.02])
+    assert [t.system_attrs[gflops_key] for t in second.trials] == pytest.approx([-0.03, 0.02])
+    # A parameter limit is a second constraint, from each trial's recorded parameter count.
+    assert warm_start(storage, "first", "fourth", ["max", "min"], space, Budget(0.08, max_params_m=0.6)) == 2
+    fourth = optuna.load_study(study_name="fourth", storage=storage)
+    assert [t.system_attrs[params_key] for t in fourth.trials] == pytest.approx([-0.1, 0.4])
+    assert [t.system_attrs[gflops_key] for t in fourth.trials] == pytest.approx([-0.03, 0.02])
     other = {"phi": optuna.distributions.FloatDistribution(0, 2, step=0.5)}
     with pytest.raises(JobError, match=r"--warm-start first: its trials searched phi over .* needs the same space"):
-        warm_start(storage, "first", "third", ["max", "min"], other, max_gflops=None)
+        warm_start(storage, "first", "third", ["max", "min"], other, Budget())
     with pytest.raises(JobError, match=r"--warm-start nope: no search of that name in this store \(known: first, "
-                                       r"second\)"):
-        warm_start(storage, "nope", "third", ["max", "min"], space, max_gflops=None)
+                                       r"second, fourth\)"):
+        warm_start(storage, "nope", "third", ["max", "min"], space, Budget())
 
 
 def test_a_warm_started_search_begins_with_the_first_searchs_trials_and_does_not_propose_at_random(tmp_path,
@@ -62,7 +69,7 @@ def test_a_warm_started_search_begins_with_the_first_searchs_trials_and_does_not
     first search's configurations again."""
     from test_search import _raw, _search_with_instant_trials
 
-    from search.searcher import GflopsCounter
+    from search.searcher import CostCounter
 
     first_raw = _raw(shapes, "cold", search={"space": "compound", "bounds": {"preset": "cpu"}, "trials": 8,
                                              "sampler": "random", "scheduler": "fifo"}, train={"epochs": 1})
@@ -76,9 +83,9 @@ def test_a_warm_started_search_begins_with_the_first_searchs_trials_and_does_not
     assert outcome.finished == 4 and len(specs) == 4
     # A proposal equal to a copied configuration reuses its results rather than training it again.
     assert not [spec for spec in specs if spec in first_specs]
-    gflops = GflopsCounter(3)
-    first_costs = sorted(gflops(s) for s in first_specs)
-    warm_costs = [gflops(s) for s in specs]
+    counter = CostCounter(3)
+    first_costs = sorted(counter(s).gflops for s in first_specs)
+    warm_costs = [counter(s).gflops for s in specs]
     print(f"first search GFLOPs {first_costs}; warm-started proposals {warm_costs}")
     assert sum(warm_costs) / 4 < sum(first_costs) / 8
 

@@ -26,6 +26,16 @@ def test_defaults_and_overrides(tmp_path, shapes):
     assert job.registered_model_name == "t"
 
 
+def test_a_job_composes_spaces_and_bounds_each_by_name(tmp_path, shapes):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, search=["space: [bifpn, training]", "max_params_m: 2.5",
+                                              "bounds: {bifpn: {preset: cpu}, training: {batch_size: [8, 16]}}",
+                                              "enqueue: [d0, {lr: 0.01, batch_size: 16}]"]))
+    job = load_job(path)
+    assert job.search.space == ["bifpn", "training"] and job.search.max_params_m == 2.5
+    assert job.search.bounds == {"bifpn": {"preset": "cpu"}, "training": {"batch_size": [8, 16]}}
+
+
 def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     import shutil
 
@@ -63,7 +73,15 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"search": ["space: compound", "enqueue: [rule:x]"]}, "job.search.enqueue[0]: 'rule:x': expected rule:PHI"),
     ({"search": ["space: compound", "enqueue: [{phi: 9}]"]},
      "job.search.enqueue[0].phi: 9 is not one of the compound space's values (0 to 3 in steps of 0.5)"),
-    ({"search": ["space: compound", "enqueue: [7]"]}, "job.search.enqueue[0]: expected rule:PHI or a mapping"),
+    ({"search": ["space: compound", "enqueue: [7]"]}, "job.search.enqueue[0]: expected rule:PHI, a preset"),
+    ({"search": ["max_params_m: 0"]}, "job.search.max_params_m: must be > 0"),
+    ({"search": ["space: [bifpn, training]", "bounds: {training: {warmup_epochs: [0, 1.1]}}"]},
+     "job.search.bounds.training.warmup_epochs: 1.1 - 0 is not a whole number of steps of 0.25"),
+    ({"search": ["space: [bifpn, training]", "fixed: {lr: 2}"]},
+     "job.search.fixed.lr: 2 is not one of the bifpn + training space's values (0.001 to 0.03)"),
+    ({"search": ["space: [bifpn, training]", "enqueue: [d0, {batch_size: 12}]"]},
+     "job.search.enqueue[1].batch_size: 12 is not one of the bifpn + training space's values (one of 8, 16, 32)"),
+    ({"search": ["space: {bifpn: 1}"]}, "job.search.space: must be a string"),
 ])
 def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     path = tmp_path / "job.yaml"

@@ -153,6 +153,35 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
             assert run.data.tags[STATE_TAG] == FAILED
 
 
+def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_settings(tmp_path, shapes):
+    """[bifpn, training] on real Ray, two real trials of 2 epochs. Each trains at its own proposed batch size and
+    learning rate, not the job's: the 32 training images make 2 batches of 12 (24 images) or 2 of 16 (32), and
+    with no warmup the cosine schedule is at half its peak after epoch 1 of 2, the peak being lr scaled by
+    sqrt(batch / 16) for AdamW. The searched settings are logged as train.* params beside the spec."""
+    import math
+
+    raw = _raw(shapes, "composed", search={
+        "space": ["bifpn", "training"], "trials": 2, "scheduler": "fifo", "seed": 0,
+        "bounds": {"bifpn": {"preset": "cpu", "image_size": [128, 160]},
+                   "training": {"batch_size": [12, 16], "warmup_epochs": [0, 0]}},
+        "enqueue": [{"image_size": 128, "fpn_channels": 24, "fpn_repeats": 1, "head_repeats": 1, "fusion": "sum",
+                     "lr": 0.004, "batch_size": 12},
+                    {"image_size": 128, "fpn_channels": 32, "fpn_repeats": 1, "head_repeats": 1, "fusion": "sum",
+                     "lr": 0.02, "batch_size": 16, "focal_gamma": 2.0}]},
+        train={"epochs": 2, "lr": 0.5, "batch_size": 8}, resources={"cpus_per_worker": 1})
+    with searched_store(tmp_path, raw) as (outcome, client):
+        assert outcome.finished == 2 and outcome.failed == 0
+        runs = sorted(_children(client, outcome), key=lambda run: float(run.data.params["train.lr"]))
+        assert [(float(r.data.params["train.lr"]), int(r.data.params["train.batch_size"])) for r in runs] == \
+            [(0.004, 12), (0.02, 16)]
+        assert float(runs[1].data.params["focal_gamma"]) == 2.0
+        for run, lr, batch in zip(runs, (0.004, 0.02), (12, 16)):
+            images = client.get_metric_history(run.info.run_id, "train_images")
+            assert [m.value for m in images] == [2 * batch, 2 * batch]
+            (first, _) = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
+            assert first.value == pytest.approx(0.5 * lr * math.sqrt(batch / 16), rel=1e-6)
+
+
 def _raw(shapes, name, **sections):
     """A test job on the shapes fixture, in the CPU-sized lite_cpu space unless its search section names one."""
     search = {"space": "lite_cpu", **sections.pop("search", {})}
@@ -216,8 +245,11 @@ def test_a_crash_of_the_driver_loop_leaves_no_run_running(tmp_path, shapes):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"train": {"batch_size": 64}}, r"32 images are fewer than one global batch \(train.batch_size 64 x "
+    ({"train": {"batch_size": 64}}, r"32 images are fewer than one global batch \(train.batch_size, 64, x "
                                     r"resources.workers_per_trial 1 = 64\)"),
+    # A searched batch size: its largest choice must fit, whatever train.batch_size says.
+    ({"search": {"space": ["lite_cpu", "training"], "bounds": {"training": {"batch_size": [8, 48]}}}},
+     r"32 images are fewer than one global batch \(the largest of the space's batch_size choices, 48, x "),
     ({"data": "empty"}, r"annotations.json: the split has no images"),
 ])
 def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path, shapes, change, message):
@@ -302,8 +334,8 @@ def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, sha
         ray.shutdown()
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
-    assert err.startswith("effsearch: error: no trial started: 500 proposals in a row were above "
-                          "search.max_gflops or already trained (the cheapest 0.045 GFLOPs)")
+    assert err.startswith("effsearch: error: no trial started: 500 proposals in a row were over the budget "
+                          "(search.max_gflops 0.001) or already trained (the cheapest 0.045 GFLOPs)")
 
 
 def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path):
@@ -343,9 +375,9 @@ def _instant_trial(config, *, setup):
     AP that falls as they rise, at once."""
     from ray import tune
 
-    from search.searcher import GflopsCounter
+    from search.searcher import CostCounter
 
-    gflops = GflopsCounter(setup.data.train.num_classes)(config["spec"])
+    gflops = CostCounter(setup.data.train.num_classes)(config["spec"]).gflops
     tune.report({"epoch": 1, "loss": 1.0, "map": 0.5 - gflops, "gflops": gflops, "full_budget": 1})
 
 
@@ -388,15 +420,15 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
     it, all 8 requested trials train, and Optuna holds each turned-away proposal as PRUNED and infeasible."""
     import optuna
 
-    from search.searcher import GflopsCounter
+    from search.searcher import CostCounter
     from search.states import INFEASIBLE
 
     raw = _raw(shapes, "budget", search={"trials": 8, "max_concurrent_trials": 2, "max_gflops": 0.063},
                train={"epochs": 1})
     outcome, started, study = _search_with_instant_trials(tmp_path, raw)
-    gflops_of = GflopsCounter(3)
+    counter = CostCounter(3)
     assert len(started) == 8 and outcome.finished == 8
-    assert all(gflops_of(spec) <= 0.063 for spec in started)
+    assert all(counter(spec).gflops <= 0.063 for spec in started)
     infeasible = [t for t in study.trials if t.user_attrs.get(STATE_TAG) == INFEASIBLE]
     assert infeasible and all(t.state == optuna.trial.TrialState.PRUNED for t in infeasible)
     assert all(t.user_attrs["gflops"] > 0.063 for t in infeasible)
@@ -405,6 +437,31 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
     assert len(trained) == 8
     first, second = outcome.feasible_share
     print(f"feasible share: first half {first:.2f}, second half {second:.2f}, {len(infeasible)} turned away")
+
+
+def test_a_parameter_budget_is_a_second_constraint_and_no_trial_over_it_starts(tmp_path, shapes):
+    """max_params_m 0.72 rules out 15 of lite_cpu's 27 configurations (those at phi 0.5 and 1 with wide BiFPNs);
+    max_gflops 0.1 rules out 4 more costly ones. No trial Ray starts is over either limit, and each turned-away
+    proposal carries both constraints, so the sampler sees which limit it broke."""
+    import optuna
+
+    from search.continuation import _CONSTRAINTS_PREFIX
+    from search.searcher import CostCounter
+    from search.states import INFEASIBLE
+
+    raw = _raw(shapes, "params-budget", search={"trials": 5, "max_params_m": 0.72, "max_gflops": 0.1},
+               train={"epochs": 1})
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw)
+    counter = CostCounter(3)
+    assert len(started) == 5 and outcome.finished == 5
+    assert all(counter(spec).params_m <= 0.72 and counter(spec).gflops <= 0.1 for spec in started)
+    infeasible = [t for t in study.trials if t.user_attrs.get(STATE_TAG) == INFEASIBLE]
+    assert infeasible and all(t.state == optuna.trial.TrialState.PRUNED for t in infeasible)
+    for trial in study.trials:
+        over = [trial.system_attrs[f"{_CONSTRAINTS_PREFIX}:{name}"]
+                for name in ("params_m_over_budget", "gflops_over_budget")]
+        assert (max(over) > 0) == (trial in infeasible)
+        assert over[0] == pytest.approx(trial.user_attrs["params_m"] - 0.72)
 
 
 def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_again(tmp_path, shapes):
@@ -448,15 +505,15 @@ def _curves_table(path):
     import optuna
 
     from search.replay import MATCHED, load_curves, write_curves
-    from search.searcher import GflopsCounter
+    from search.searcher import CostCounter
     from spaces import enqueued_params, make_space
 
-    space, gflops = make_space("compound", {"preset": "cpu"}), GflopsCounter(3)
+    space, counter = make_space("compound", {"preset": "cpu"}), CostCounter(3)
     rows = []
     for number, point in enumerate(enqueued_params("compound", [f"rule:{p}" for p in (0, .25, .5, .75, 1)],
                                                    {"preset": "cpu"})):
         spec = space(optuna.trial.FixedTrial(point))["spec"]
-        cost, final = gflops(spec), 0.2 + 0.1 * number
+        cost, final = counter(spec).gflops, 0.2 + 0.1 * number
         for epoch in range(1, 7):
             rows.append({"config": f"c{number}", **{k: spec[k] for k in MATCHED}, "gflops": cost, "params_m": 0.5,
                          "epoch": epoch, "map": final * (1 - math.exp(-epoch * (1 + number) / 4)),
