@@ -87,10 +87,17 @@ class CostCounter:
 TRAINED_SECTIONS = ("spec", "train")
 
 
-def configuration_key(config: dict) -> str:
-    """One string per trained configuration: its model spec and any searched training settings."""
-    return json.dumps({section: config[section] for section in TRAINED_SECTIONS if section in config},
-                      sort_keys=True)
+# The spec fields that only scale the backbone: specs that differ in them alone but build the same network
+# (ModelCost.architecture) train the same configuration.
+BACKBONE_MULTIPLIERS = ("backbone_width", "backbone_depth")
+
+
+def configuration_key(config: dict, architecture: str) -> str:
+    """One string per trained configuration: the network it builds, the rest of its spec and any searched
+    training settings."""
+    trained = {section: config[section] for section in TRAINED_SECTIONS if section in config}
+    trained["spec"] = {k: v for k, v in trained["spec"].items() if k not in BACKBONE_MULTIPLIERS}
+    return json.dumps({**trained, "architecture": architecture}, sort_keys=True)
 
 
 class BudgetedOptunaSearch(OptunaSearch):
@@ -118,7 +125,8 @@ class BudgetedOptunaSearch(OptunaSearch):
                 config = self._space(optuna.trial.FixedTrial(trial.params))
             except Exception:  # parameters of another space: nothing to match
                 continue
-            self._trained.setdefault(configuration_key(config), (list(trial.values), trial.number))
+            key = configuration_key(config, self._cost_of(config["spec"]).architecture)
+            self._trained.setdefault(key, (list(trial.values), trial.number))
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         for _ in range(MAX_PROPOSALS):
@@ -133,8 +141,8 @@ class BudgetedOptunaSearch(OptunaSearch):
             feasible = all(over <= 0 for over in constraints.values())
             self.proposals.append((cost.gflops, feasible))
             # What trains is the configuration, not the parameters: ones that do not change it (alpha and beta at
-            # phi 0) make no new trial.
-            key = configuration_key(config)
+            # phi 0, a backbone width within one channel rounding) make no new trial.
+            key = configuration_key(config, cost.architecture)
             if feasible and key not in self._trained:
                 self._key_of[trial_id] = key
                 return config

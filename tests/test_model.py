@@ -56,6 +56,17 @@ def test_width_and_depth_change_the_backbone():
     assert bigger_input.gflops / base.gflops == pytest.approx(4.0, rel=0.05)
 
 
+def test_specs_that_round_to_one_network_share_its_architecture_name():
+    """timm rounds width to channels (multiples of 8) and depth to whole blocks (ceil of the total), so a width
+    within one rounding builds the same network; a wider backbone or one more block does not."""
+    name = model_cost(SMALL).architecture
+    assert model_cost(SMALL.replace(backbone_width=0.505)).architecture == name
+    assert model_cost(SMALL.replace(backbone_width=0.75)).architecture != name
+    # 16 blocks x 0.501 = 8.016, rounded up to 9 blocks where 0.5 makes 8.
+    assert model_cost(SMALL.replace(backbone_depth=0.501)).architecture != name
+    assert model_cost(SMALL.replace(fpn_channels=40)).architecture != name
+
+
 def test_flops_count_multiply_adds_once():
     # A single 3x3 conv, 8->16 channels on 32x32 with padding: 16*8*9*32*32 multiply-adds.
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)

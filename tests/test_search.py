@@ -482,6 +482,24 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
         assert trial.params == original.params and trial.values == original.values
 
 
+def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes):
+    """beta 1.1 and 1.104 at phi 0.5 give backbone widths 0.524 and 0.525, which round to the same channels
+    (tests/test_model.py): the second is told the first's results and does not train; a third proposal does."""
+    import optuna
+
+    point = {"phi": 0.5, "alpha": 1.2, "fpn_width_base": 40, "fpn_width_growth": 1.35, "fpn_depth_base": 2,
+             "fpn_depth_slope": 1.0, "head_depth_base": 2}
+    raw = _raw(shapes, "same-network", search={
+        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 2, "scheduler": "fifo",
+        "enqueue": [{**point, "beta": 1.1}, {**point, "beta": 1.104}]}, train={"epochs": 1})
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw)
+    assert outcome.finished == 2 and len(started) == 2
+    assert started[0]["backbone_width"] == 0.524 and started[1]["backbone_width"] != 0.525
+    second = study.trials[1]
+    assert second.params["beta"] == 1.104 and second.user_attrs[REPEATS_ATTR] == 0
+    assert second.state == optuna.trial.TrialState.COMPLETE and second.values == study.trials[0].values
+
+
 def test_enqueued_points_are_the_first_trials(tmp_path, shapes):
     """search.enqueue: the paper's rule at two phi steps, then a partial point; the sampler proposes after them."""
     raw = _raw(shapes, "enqueue", search={

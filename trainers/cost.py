@@ -1,6 +1,7 @@
 """What a variant costs: parameters, FLOPs (multiply-adds, counted on the meta device) and latency."""
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from trainers.spec import ModelSpec
 class ModelCost:
     params: int
     gflops: float  # billions of multiply-adds per image, as the EfficientDet paper counts
+    # A digest of the built network's parameter and buffer names and shapes. Continuous width and depth
+    # multipliers round to whole channels and blocks, so many specs build one network; this names it.
+    architecture: str = ""
 
     @property
     def params_m(self) -> float:
@@ -29,7 +33,9 @@ def model_cost(spec: ModelSpec) -> ModelCost:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     # FlopCounterMode counts a multiply-add as two FLOPs; the paper counts it as one.
-    return ModelCost(params=params, gflops=counter.get_total_flops() / 2 / 1e9)
+    shapes = [(name, tuple(t.shape)) for name, t in (*model.named_parameters(), *model.named_buffers())]
+    architecture = hashlib.sha1(repr(shapes).encode()).hexdigest()[:16]
+    return ModelCost(params=params, gflops=counter.get_total_flops() / 2 / 1e9, architecture=architecture)
 
 
 def latency_ms(model: torch.nn.Module, image_size: int, *, repeats: int = 10, device: str = "cpu") -> float:
