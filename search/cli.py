@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from search.frontier import FrontierError
     from search.job import JobError
+    from search.ray_runtime import RayUnreachable
     from trainers.data import DataError
     from trainers.typed import ConfigError
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, JobError, ConfigError, DataError, FrontierError) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 2
-    except SearchFailed as err:
+    except (SearchFailed, RayUnreachable) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run the search a job file describes")
     p.add_argument("job", type=Path, help="job YAML file")
-    p.add_argument("--address", help="an existing Ray cluster to run on (default: a local Ray)")
+    p.add_argument("--address", help="an existing Ray cluster to run on, HOST:PORT or ray://HOST:PORT (default: "
+                   "RAY_ADDRESS if set, else a new local Ray)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true",
                      help="continue this job's interrupted search: finished trials are kept, running ones continue "

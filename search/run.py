@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import logging
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -12,7 +10,6 @@ from typing import Callable, Sequence
 
 import mlflow
 import optuna
-import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -20,6 +17,7 @@ from search.continuation import SearchRecord, record_to_resume, save_record, war
 from search.frontier import TrialPoint, record_frontier
 from search.job import Job, JobError
 from search.progress import ProgressPrinter
+from search.ray_runtime import cluster_address, start_ray
 from search.scheduler import make_scheduler
 from search.searcher import Budget, BudgetedOptunaSearch, CostCounter
 from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
@@ -64,6 +62,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         say(f"data: {report.summary()}")
     space = _space(job)
     _check_fits(job, data, space)
+    address = cluster_address(ray_address)  # a cluster that does not answer fails here, before any run exists
     journal = _optuna_storage(store / "optuna.journal")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -90,7 +89,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             say(f"warm start: {copied} complete trials of {warm_start_from!r} seed this search's study")
         storage_path = str(store / "ray")
         setup = TrialSetup(job=job, data=data, storage_path=storage_path)
-        _start_ray(ray_address)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        start_ray(address)
         searcher = BudgetedOptunaSearch(
             space, cost_of=CostCounter(data.train.num_classes), budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
@@ -234,42 +234,6 @@ def _space(job: Job):
                        f"EfficientNet-Lite backbone, so the search cannot size its backbone to it")
     _, family, width, depth = found
     return functools.partial(space, backbone=(family, width, depth))
-
-
-def _start_ray(address: str | None) -> None:
-    # Trials report every epoch but are scored (map) only every train.eval_every epochs; Tune's strict check
-    # would kill the search at the first unscored report. The searcher reads only a trial's final result,
-    # and the last epoch is always scored.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Ctrl-C must stop the search, not ask Tune to wind it down and then report success: with Tune's
-    # handler off it raises KeyboardInterrupt here, the runs are ended KILLED, and the command exits 130.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    # Tune snapshots its trials and searcher at most every 10 s by default; a driver killed in that window would,
-    # on --resume, run a trial again that had already finished. Every 2 s narrows the window; a snapshot of
-    # a search's state takes milliseconds.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if ray.is_initialized():
-        return
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Tune's own console tables would interleave with ProgressPrinter's lines; with the legacy output
-    # engine, verbose=0 is silent.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
-    # Ray turns token authentication on for a new local cluster (good) and warns about it on every start,
-    # which a user can do nothing about; the README says it once.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # Each trial runs several small actors (its driver, a report queue, Train's controller, the workers), so
-    # on a 2-core machine the raylet warns that "8 PYTHON worker processes have been started", with no way
-    # to silence it (ray-project/ray#63800). Its threshold is the startup concurrency, which defaults to
-    # the CPU count; a search's expected process count is above that by design.
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, 4 * (os.cpu_count() or 1))))
-    # A multi-worker trial's driver reserves DRIVER_CPUS and does no compute; one spare logical CPU lets the
-    # drivers sit beside workers that reserve whole cores.
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level=logging.WARNING)
 
 
 def _optuna_storage(path: Path):

@@ -1,8 +1,10 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import ray
 from conftest import searched_store
 from ray import tune
 
@@ -351,8 +353,8 @@ def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path
 
     script = textwrap.dedent("""
         import ray
-        from search.run import _start_ray
-        _start_ray(None)
+        from search.ray_runtime import start_ray
+        start_ray(None)
         @ray.remote(num_cpus=0)
         class Idle:
             def ping(self):
@@ -389,7 +391,7 @@ class _TrialStarts(tune.Callback):
         self.specs.append(trial.config["spec"])
 
 
-def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, **options):
+def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, callbacks=(), **options):
     """A real search (local Ray, SQLite MLflow) whose trials report at once; returns (outcome, the specs of
     the trials Ray started, the Optuna study)."""
     import sys
@@ -406,13 +408,126 @@ def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, **optio
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
-                             trainable=trainable, callbacks=[starts], **options)
+                             trainable=trainable, callbacks=[starts, *callbacks], **options)
     finally:
         ray.shutdown()
         patch.undo()
     study = optuna.load_study(study_name=raw["name"],
                               storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
     return outcome, starts.specs, study
+
+
+class _RayItRunsOn(tune.Callback):
+    """In the search's driver: the GCS address of the Ray its trials run on."""
+
+    def __init__(self):
+        self.addresses = set()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.addresses.add(ray.get_runtime_context().gcs_address)
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A Ray temp folder of the test's own, so that a cluster's address file is not the machine's; short, since
+    Ray's socket paths must fit 107 characters."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_search_joins_the_cluster_that_RAY_ADDRESS_names(tmp_path, shapes, monkeypatch, ray_tmpdir):
+    """On a cluster's head node RAY_ADDRESS is set. The search joins that cluster; it used to pass num_cpus to
+    ray.init() there and die with Ray's ValueError, its parent run left RUNNING."""
+    from ray.cluster_utils import Cluster
+
+    # At the node's own address: ray.init() turns a 127.0.0.1 address into it (services.resolve_ip_for_localhost)
+    # and then waits for a raylet registered there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    address = cluster.address
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        on = _RayItRunsOn()
+        outcome, started, _ = _search_with_instant_trials(
+            tmp_path, _raw(shapes, "on-a-cluster", search={"trials": 2}), callbacks=[on])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert outcome.finished == 2 and len(started) == 2
+    assert on.addresses == {address}
+
+
+def test_a_search_starts_its_own_ray_beside_a_stale_address_file(tmp_path, shapes, ray_tmpdir):
+    """`ray start --head` leaves its address in RAY_TMPDIR/ray/ray_current_cluster, and `ray stop` can leave it
+    behind.
+    ray.init() with no address would join that address; a search without --address or RAY_ADDRESS starts a
+    local Ray of its own instead."""
+    stale = f"127.0.0.1:{_closed_port()}"
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale + "\n")
+    on = _RayItRunsOn()
+    outcome, started, _ = _search_with_instant_trials(tmp_path, _raw(shapes, "local", search={"trials": 1}),
+                                                      callbacks=[on])
+    assert outcome.finished == 1 and len(on.addresses) == 1
+    assert stale not in on.addresses
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: one the kernel handed out and took back."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_and_creates_no_run(tmp_path, shapes, monkeypatch, capsys):
+    import mlflow
+    import yaml
+
+    from search.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_raw(shapes, "no-cluster", search={"trials": 1})))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert main(["search", str(job)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert err.startswith(f"effsearch: error: cannot reach the Ray cluster at 127.0.0.1:{port} (from RAY_ADDRESS): ")
+    assert not ray.is_initialized()
+    assert mlflow.MlflowClient(uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]) == []
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "RAY_ADDRESS http://127.0.0.1:8265 is a Ray Jobs API (dashboard) address"),
+    ("head-node", "RAY_ADDRESS head-node: expected HOST:PORT, ray://HOST:PORT, auto or local"),
+    ("s3://bucket:1", "RAY_ADDRESS s3://bucket:1: expected HOST:PORT"),
+])
+def test_a_ray_address_that_is_not_a_cluster_address_is_named(address, message, monkeypatch):
+    from search.ray_runtime import RayUnreachable, cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(RayUnreachable, match=re.escape(message)):
+        cluster_address(None)
+
+
+def test_address_flag_wins_over_RAY_ADDRESS_and_local_means_a_new_local_ray(monkeypatch):
+    from search.ray_runtime import RayUnreachable, cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster_address(None) is None
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster_address(None) is None
+    with pytest.raises(RayUnreachable, match=re.escape("(from --address)")):
+        cluster_address(f"127.0.0.1:{_closed_port()}")
 
 
 def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):

@@ -1,0 +1,100 @@
+"""Which Ray a search runs on: the cluster that --address or RAY_ADDRESS names, else a new local Ray."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+
+ADDRESS_VARIABLE = "RAY_ADDRESS"
+REACH_TIMEOUT_S = 5.0
+
+
+class RayUnreachable(Exception):
+    """The cluster a search was pointed at cannot be used; the message names the address and where it came from."""
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    address: str
+    source: str  # "--address" or "RAY_ADDRESS", for messages
+
+
+def cluster_address(explicit: str | None) -> ClusterAddress | None:
+    """--address, else RAY_ADDRESS; None when neither names a cluster, and the search starts its own Ray.
+
+    Checked here, before any MLflow run exists: ray.init() against a host that does not answer waits minutes
+    for its GCS (measured here: still waiting after 200 s), so a port that does not answer fails in seconds.
+    """
+    if explicit:
+        found = ClusterAddress(explicit, "--address")
+    elif os.environ.get(ADDRESS_VARIABLE):
+        found = ClusterAddress(os.environ[ADDRESS_VARIABLE], ADDRESS_VARIABLE)
+    else:
+        return None
+    if found.address == "local":
+        return None
+    if found.address == "auto":  # Ray's own discovery of a cluster started on this machine
+        return found
+    scheme, _, rest = found.address.rpartition("://")
+    if scheme in ("http", "https"):
+        raise RayUnreachable(f"{found.source} {found.address} is a Ray Jobs API (dashboard) address, which "
+                             f"`effsearch submit` takes; `effsearch search` joins a cluster at its GCS address "
+                             f"(HEAD:6379) or its client address (ray://HEAD:10001)")
+    if scheme not in ("", "ray"):
+        raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise RayUnreachable(f"cannot reach the Ray cluster at {found.address} (from {found.source}): "
+                             f"{err.strerror or err}; is its head running? Unset {ADDRESS_VARIABLE} to search on "
+                             f"a local Ray") from None
+    return found
+
+
+def start_ray(address: ClusterAddress | None) -> None:
+    """Joins the cluster at `address`, or starts a local Ray sized to this machine."""
+    # Trials report every epoch but are scored (map) only every train.eval_every epochs; Tune's strict check
+    # would kill the search at the first unscored report. The searcher reads only a trial's final result,
+    # and the last epoch is always scored.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Ctrl-C must stop the search, not ask Tune to wind it down and then report success: with Tune's
+    # handler off it raises KeyboardInterrupt here, the runs are ended KILLED, and the command exits 130.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune snapshots its trials and searcher at most every 10 s by default; a driver killed in that window would,
+    # on --resume, run a trial again that had already finished. Every 2 s narrows the window; a snapshot of
+    # a search's state takes milliseconds.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Tune's own console tables would interleave with ProgressPrinter's lines; with the legacy output
+    # engine, verbose=0 is silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address is not None:
+        try:
+            ray.init(address=address.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RayUnreachable(f"cannot join the Ray cluster at {address.address} (from {address.source}): "
+                                 f"{first_line}") from None
+        return
+    # Ray turns token authentication on for a new local cluster (good) and warns about it on every start,
+    # which a user can do nothing about; the README says it once.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Each trial runs several small actors (its driver, a report queue, Train's controller, the workers), so
+    # on a 2-core machine the raylet warns that "8 PYTHON worker processes have been started", with no way
+    # to silence it (ray-project/ray#63800). Its threshold is the startup concurrency, which defaults to
+    # the CPU count; a search's expected process count is above that by design.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, 4 * (os.cpu_count() or 1))))
+    # A multi-worker trial's driver reserves DRIVER_CPUS and does no compute; one spare logical CPU lets the
+    # drivers sit beside workers that reserve whole cores.
+    # address="local": with no address, ray.init() would join whatever cluster RAY_ADDRESS or the address file
+    # of an earlier `ray start` (even a stopped one) names, and refuse num_cpus there.
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level=logging.WARNING)
