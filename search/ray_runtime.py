@@ -92,8 +92,8 @@ def start_ray(address: ClusterAddress | None) -> None:
     # to silence it (ray-project/ray#63800). Its threshold is the startup concurrency, which defaults to
     # the CPU count; a search's expected process count is above that by design.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, 4 * (os.cpu_count() or 1))))
-    # A multi-worker trial's driver reserves DRIVER_CPUS and does no compute; one spare logical CPU lets the
-    # drivers sit beside workers that reserve whole cores.
+    # One logical CPU beyond the cores: Tune's own actors and a multi-worker trial's small helpers (its Train
+    # controller, report queue) start beside workers that reserve whole cores.
     # address="local": with no address, ray.init() would join whatever cluster RAY_ADDRESS or the address file
     # of an earlier `ray start` (even a stopped one) names, and refuse num_cpus there.
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import ray.train
 import ray.tune
 import torch
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
@@ -33,8 +34,11 @@ from trainers.recipe import TrainConfig
 from trainers.spec import ModelSpec
 from trainers.typed import from_mapping
 
-# A multi-worker trial's driver only waits on its TorchTrainer; Ray needs a nonzero reservation to place it.
-DRIVER_CPUS = 0.01
+# A multi-worker trial's driver only waits on its TorchTrainer, so it reserves no CPU: a sliver of CPU (0.01)
+# left a 4-CPU GPU node 3.99 free, and the next trial's workers no longer fit there together (tests/
+# test_cluster.py saw one split over two nodes). Ray needs a nonzero reservation to place it: the driver
+# reserves (logical) memory, which is what it does take: a process with torch imported, about 0.5 GB.
+DRIVER_MEMORY_BYTES = 512 * 2**20
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 # Per trial: the newest to resume from, and the one before it in case the newest was cut off mid-write.
 CHECKPOINTS_KEPT = 2
@@ -64,6 +68,10 @@ class TrialSetup:
     job: Job
     data: TrainingData
     storage_path: str
+    # What each worker of a multi-worker trial runs, and the torch.distributed backend (None: Ray Train's
+    # choice, NCCL on GPUs). Tests of placement on fake GPUs replace the loop and use gloo; nothing else does.
+    worker_loop: Callable[[dict], None] = train_worker
+    torch_backend: str | None = None
 
 
 def run_trial(config: dict, *, setup: TrialSetup) -> None:
@@ -80,7 +88,7 @@ def run_trial(config: dict, *, setup: TrialSetup) -> None:
         _fit_in_trial(plan, resources)
         return
     queue = Queue(actor_options={"num_cpus": 0})
-    _fit_and_forward(_torch_trainer(plan, resources, setup.storage_path, ForwardReports(queue)), queue)
+    _fit_and_forward(_torch_trainer(plan, setup, ForwardReports(queue)), queue)
 
 
 def trial_recipe(recipe: TrainConfig, config: dict) -> TrainConfig:
@@ -99,7 +107,7 @@ def trial_resources(resources: ResourcesConfig) -> dict:
     TorchTrainer's workers (which reserve their own)."""
     if trains_in_trial(resources):
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
-    return {"cpu": DRIVER_CPUS}
+    return {"cpu": 0, "memory": DRIVER_MEMORY_BYTES}
 
 
 def trial_retries(resources: ResourcesConfig) -> int:
@@ -125,16 +133,20 @@ def _fit_in_trial(plan: TrialPlan, resources: ResourcesConfig) -> None:
         fit(plan, report, device=device, resume_from=resume_from)
 
 
-def _torch_trainer(plan: TrialPlan, resources: ResourcesConfig, storage_path: str,
-                   forward: ForwardReports) -> TorchTrainer:
+def _torch_trainer(plan: TrialPlan, setup: TrialSetup, forward: ForwardReports) -> TorchTrainer:
+    resources, storage_path = setup.job.resources, setup.storage_path
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     trial_id = ray.tune.get_context().get_trial_id()
     return TorchTrainer(
-        train_worker,
+        setup.worker_loop,
         train_loop_config={"plan": plan},
+        # PACK (Train's default, named because placement matters): a trial's workers share a node when they
+        # fit, so NCCL and SyncBN run over NVLink, and spread over nodes only when no one node holds them all.
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker),
+            num_workers=resources.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker,
+            placement_strategy="PACK"),
+        torch_config=TorchConfig(backend=setup.torch_backend),
         # The fixed name makes a restarted trial's TorchTrainer continue from the same run's last checkpoint.
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}", storage_path=storage_path, callbacks=[forward],

@@ -8,6 +8,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 import pytest  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +56,16 @@ def training_data(paths, **options):
 
     return load_training_data(paths["train"]["annotations"], paths["train"]["images"],
                               paths["val"]["annotations"], paths["val"]["images"], **options)[0]
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A Ray temp folder of the test's own, so that a cluster's address file is not the machine's; short, since
+    Ray's socket paths must fit 107 characters."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)

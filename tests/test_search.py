@@ -1,7 +1,6 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import ray
@@ -425,19 +424,6 @@ class _RayItRunsOn(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.addresses.add(ray.get_runtime_context().gcs_address)
-
-
-@pytest.fixture
-def ray_tmpdir(monkeypatch):
-    """A Ray temp folder of the test's own, so that a cluster's address file is not the machine's; short, since
-    Ray's socket paths must fit 107 characters."""
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    monkeypatch.setenv("RAY_TMPDIR", folder)
-    yield Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_search_joins_the_cluster_that_RAY_ADDRESS_names(tmp_path, shapes, monkeypatch, ray_tmpdir):

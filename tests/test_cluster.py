@@ -1,0 +1,95 @@
+"""Searches on a real multi-node Ray cluster on this machine (ray.cluster_utils), with fake GPU resources."""
+import json
+import os
+import sys
+import time
+from itertools import combinations
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from search.job import parse_job
+from search.run import run_search
+from search.trainable import run_trial
+
+# Where the stand-in worker loop writes what each worker saw; set by the test before the search pickles it.
+_PLACEMENTS = {"folder": ""}
+
+
+def _report_placement(config: dict) -> None:
+    """Ray Train's per-worker loop, in place of training: records the worker's node, its own GPU ids and
+    CUDA_VISIBLE_DEVICES, holds its GPU for 2 s so that concurrent trials overlap, and reports one scored epoch."""
+    import ray.train
+
+    context = ray.train.get_context()
+    start = time.time()
+    time.sleep(2)
+    record = {"run": context.get_experiment_name(), "rank": context.get_world_rank(),
+              "node": ray.get_runtime_context().get_node_id(),
+              "gpus": ray.get_runtime_context().get_accelerator_ids()["GPU"],
+              "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "start": start, "end": time.time()}
+    folder = _PLACEMENTS["folder"]
+    with open(os.path.join(folder, f"{record['run']}-{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+    gflops = 0.05 + 0.001 * len(config["plan"].spec.to_dict()["backbone_family"])
+    ray.train.report({"epoch": 1, "loss": 1.0, "map": 0.3, "gflops": gflops, "full_budget": 1})
+
+
+def _placed_trial(config, *, setup):
+    """The real trial (run_trial: its TorchTrainer, scaling config and placement) with the stand-in loop; gloo,
+    since the GPUs are fake and NCCL needs real ones."""
+    from dataclasses import replace
+
+    run_trial(config, setup=replace(setup, worker_loop=_report_placement, torch_backend="gloo"))
+
+
+@pytest.fixture
+def two_gpu_nodes(ray_tmpdir, monkeypatch):
+    """A head with no GPU and two worker nodes of 4 fake GPUs each; the search reaches it through RAY_ADDRESS."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=4, num_gpus=4)
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked(
+        tmp_path, shapes, two_gpu_nodes, monkeypatch):
+    """3 trials of 2 workers x 1 GPU side by side on two 4-GPU nodes: two of them share a node. When each trial's
+    driver reserved 0.01 CPU on a GPU node (here with 4 such trials), a trial's workers no longer fit beside
+    another's and were split over both nodes."""
+    gpu_nodes = {node.node_id for node in two_gpu_nodes.worker_nodes}
+    _PLACEMENTS["folder"] = str(tmp_path)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = {"name": "gpus", "data": {"train": shapes["train"], "val": shapes["val"]},
+           "search": {"space": "lite_cpu", "trials": 3, "max_concurrent_trials": 3, "scheduler": "fifo"},
+           "train": {"epochs": 1},
+           "resources": {"workers_per_trial": 2, "gpus_per_worker": 1, "cpus_per_worker": 1}}
+    outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None, trainable=_placed_trial)
+    assert outcome.finished == 3 and outcome.failed == 0
+
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("train-*.json")]
+    trials = {r["run"] for r in records}
+    assert len(trials) == 3 and len(records) == 6
+    for run in trials:
+        workers = [r for r in records if r["run"] == run]
+        assert sorted(w["rank"] for w in workers) == [0, 1]
+        (node,) = {w["node"] for w in workers}  # the trial's workers share one node
+        assert node in gpu_nodes
+        for w in workers:
+            assert len(w["gpus"]) == 1  # each worker its own accelerator
+            # Ray Train shows co-located workers each other's GPUs (for NCCL's peer access), its own among them.
+            assert w["gpus"][0] in w["visible"].split(",")
+    for a, b in combinations(records, 2):
+        if a["node"] == b["node"] and a["gpus"] == b["gpus"]:
+            assert a["end"] <= b["start"] or b["end"] <= a["start"], (a, b)  # never two workers on one GPU at once
+    # The trials ran side by side, so the check above had something to check.
+    assert any(a["start"] < b["end"] and b["start"] < a["end"] for a, b in combinations(records, 2)
+               if a["run"] != b["run"])
