@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run the search a job file describes")
     p.add_argument("job", type=Path, help="job YAML file")
-    p.add_argument("--address", help="an existing Ray cluster to run on, HOST:PORT or ray://HOST:PORT (default: "
+    p.add_argument("--address", help="an existing Ray cluster to run on, at its GCS address HOST:PORT (default: "
                    "RAY_ADDRESS if set, else a new local Ray)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true",

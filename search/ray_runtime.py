@@ -40,14 +40,18 @@ def cluster_address(explicit: str | None) -> ClusterAddress | None:
         return found
     scheme, _, rest = found.address.rpartition("://")
     if scheme in ("http", "https"):
-        raise RayUnreachable(f"{found.source} {found.address} is a Ray Jobs API (dashboard) address, which "
-                             f"`effsearch submit` takes; `effsearch search` joins a cluster at its GCS address "
-                             f"(HEAD:6379) or its client address (ray://HEAD:10001)")
-    if scheme not in ("", "ray"):
-        raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+        raise RayUnreachable(f"{found.source} {found.address} is a Ray Jobs API (dashboard) address; "
+                             f"`effsearch search` joins a cluster at its GCS address (HEAD:6379)")
+    if scheme == "ray":
+        # Under Ray Client, Tune runs its controller, and with it the searcher, in an actor on the head: the
+        # driver's searcher (proposals, repeats) and the environment set here would not be the ones in use.
+        raise RayUnreachable(f"{found.source} {found.address}: Ray Client addresses are not supported; run "
+                             f"effsearch on a node of the cluster with its GCS address (HEAD:6379)")
+    if scheme:
+        raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, auto or local")
     host, _, port = rest.rpartition(":")
     if not host or not port.isdigit():
-        raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+        raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, auto or local")
     try:
         socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as err:

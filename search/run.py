@@ -212,8 +212,12 @@ def _check_fits(job: Job, data: TrainingData, space) -> None:
     """A training split smaller than one global batch trains nothing: say so before Ray starts. Where the space
     searches the batch size, its largest choice must fit."""
     searched = space_parameters(space).get("batch_size")
-    batch, key = ((max(searched.choices), "the largest of the space's batch_size choices") if searched is not None
-                  else (job.train.batch_size, "train.batch_size"))
+    if "batch_size" in job.search.fixed:
+        batch, key = job.search.fixed["batch_size"], "search.fixed.batch_size"
+    elif searched is not None:
+        batch, key = max(searched.choices), "the largest of the space's batch_size choices"
+    else:
+        batch, key = job.train.batch_size, "train.batch_size"
     global_batch = batch * job.resources.workers_per_trial
     if len(data.train) < global_batch:
         raise DataError(f"{data.train.annotation_file}: {len(data.train)} images are fewer than one global batch "

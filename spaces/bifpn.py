@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 
 from spaces.bounds import check_ranges, check_step, parse_bounds
-from trainers.spec import BACKBONE_FAMILIES, FUSIONS
+from trainers.spec import BACKBONE_FAMILIES, FUSIONS, ModelSpec, SpecError
 from trainers.typed import ConfigError
 
 
@@ -57,6 +57,20 @@ class BifpnBounds:
         check_step("fpn_channels", *self.fpn_channels, 8)
         if self.anchor_scale <= 0:
             raise ConfigError(f"anchor_scale: must be > 0, got {self.anchor_scale}")
+        # What the model accepts (ModelSpec's limits: image_size <= 2048, fpn_repeats <= 12, ...) is checked
+        # here, naming the bound, and not at the first proposal after Ray has started: every spec the space
+        # proposes lies between these two corners.
+        for corner in (0, 1):
+            image_size = self.image_size[corner]
+            try:
+                ModelSpec(num_classes=1, backbone_family=self.backbone_family, backbone_width=self.backbone_width,
+                          backbone_depth=self.backbone_depth, image_size=image_size, max_level=self.max_level,
+                          anchor_scale=self.anchor_scale * (image_size / 512 if self.scale_anchors else 1),
+                          fpn_channels=self.fpn_channels[corner], fpn_repeats=self.fpn_repeats[corner],
+                          head_repeats=self.head_repeats[corner], fusion=self.fusions[0],
+                          bn_momentum=self.bn_momentum, drop_path_rate=self.drop_path_rate)
+            except SpecError as err:
+                raise ConfigError(str(err)) from None
 
 
 # The CPU-sized variant: EfficientNet-Lite at half width and depth, 128-224 px, levels P3-P5 (at these inputs P6

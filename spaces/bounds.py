@@ -19,7 +19,7 @@ def parse_bounds(presets: dict[str, B], raw: Any, where: str) -> B:
     name = overrides.pop("preset", default)
     if len(presets) == 1 and "preset" in raw:
         raise ConfigError(f"{where}.preset: this space has no presets; set its bounds directly")
-    if name not in presets:
+    if not isinstance(name, str) or name not in presets:
         raise ConfigError(f"{where}.preset: must be one of {', '.join(presets)}, got {name!r}")
     base = presets[name]
     fields = asdict(base)

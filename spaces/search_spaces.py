@@ -130,7 +130,7 @@ def make_space(space: str | list[str], bounds: dict | None = None) -> Space:
     space's name to its bounds."""
     names = space_names(space)
     bounds = bounds or {}
-    if len(names) == 1:
+    if isinstance(space, str):
         per_space, where = {names[0]: bounds}, "job.search.bounds"
     else:
         stray = sorted(set(map(str, bounds)) - set(names))

@@ -47,7 +47,8 @@ def _placed_trial(config, *, setup):
 @pytest.fixture
 def two_gpu_nodes(ray_tmpdir, monkeypatch):
     """A head with no GPU and two worker nodes of 4 fake GPUs each; the search reaches it through RAY_ADDRESS."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # As in cluster.yaml, the head offers no CPU: whatever a trial reserves lands on the GPU nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=4, num_gpus=4)
@@ -61,23 +62,23 @@ def two_gpu_nodes(ray_tmpdir, monkeypatch):
 
 def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked(
         tmp_path, shapes, two_gpu_nodes, monkeypatch):
-    """3 trials of 2 workers x 1 GPU side by side on two 4-GPU nodes: two of them share a node. When each trial's
-    driver reserved 0.01 CPU on a GPU node (here with 4 such trials), a trial's workers no longer fit beside
-    another's and were split over both nodes."""
+    """4 trials of 2 workers x 1 GPU side by side fill two nodes of 4 GPUs and 4 CPUs. When each trial's driver
+    reserved 0.01 CPU on a GPU node, a trial's workers no longer fit beside another's and were split over both
+    nodes."""
     gpu_nodes = {node.node_id for node in two_gpu_nodes.worker_nodes}
     _PLACEMENTS["folder"] = str(tmp_path)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = {"name": "gpus", "data": {"train": shapes["train"], "val": shapes["val"]},
-           "search": {"space": "lite_cpu", "trials": 3, "max_concurrent_trials": 3, "scheduler": "fifo"},
+           "search": {"space": "lite_cpu", "trials": 4, "max_concurrent_trials": 4, "scheduler": "fifo"},
            "train": {"epochs": 1},
            "resources": {"workers_per_trial": 2, "gpus_per_worker": 1, "cpus_per_worker": 1}}
     outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None, trainable=_placed_trial)
-    assert outcome.finished == 3 and outcome.failed == 0
+    assert outcome.finished == 4 and outcome.failed == 0
 
     records = [json.loads(p.read_text()) for p in tmp_path.glob("train-*.json")]
     trials = {r["run"] for r in records}
-    assert len(trials) == 3 and len(records) == 6
+    assert len(trials) == 4 and len(records) == 8
     for run in trials:
         workers = [r for r in records if r["run"] == run]
         assert sorted(w["rank"] for w in workers) == [0, 1]

@@ -33,7 +33,7 @@ def test_cluster_yaml_passes_rays_own_validation():
     prepared = prepare_config(copy.deepcopy(_cluster()))
     validate_config(prepared)
     nodes = prepared["available_node_types"]
-    assert nodes[prepared["head_node_type"]]["resources"] == {"CPU": 0}  # no trial lands on the head
+    assert nodes[prepared["head_node_type"]]["resources"] == {"CPU": 0}  # no trial's workers on the head
     (gpu,) = [n for name, n in nodes.items() if name != prepared["head_node_type"]]
     assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] == 0 < gpu["max_workers"] <= prepared["max_workers"]
 

@@ -242,6 +242,11 @@ def test_composed_spaces_share_no_parameter_and_no_spec_field():
     ("bifpn", {"image_size": [100, 228], "preset": "cpu"}, "job.search.bounds.image_size, image_step: must be "
                                                            "multiples of 2**max_level = 32"),
     ("bifpn", {"backbone_family": "resnet"}, "job.search.bounds.backbone_family: must be one of"),
+    # Beyond what the model accepts: refused here, not at the first proposal after Ray has started.
+    ("bifpn", {"image_size": [384, 4096]}, "job.search.bounds.image_size: must be <= 2048, got 4096"),
+    ("bifpn", {"fpn_repeats": [2, 20]}, "job.search.bounds.fpn_repeats: must be in [1, 12], got 20"),
+    ("bifpn", {"drop_path_rate": 1.0}, "job.search.bounds.drop_path_rate: must be in [0, 1), got 1.0"),
+    ("bifpn", {"preset": ["cpu"]}, "job.search.bounds.preset: must be one of gpu, cpu, got ['cpu']"),
     (["bifpn", "training"], {"training": {"lr": [0.0, 0.1]}}, "job.search.bounds.training.lr: must be > 0"),
     (["bifpn", "training"], {"training": {"batch_size": [8, 8]}}, "job.search.bounds.training.batch_size: must be "
                                                                     "distinct integers"),

@@ -41,14 +41,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         options = [option for option in typing.get_args(hint) if option is not type(None)]
         if value is None and len(options) < len(typing.get_args(hint)):
             return None
-        # The first option the value fits (str | list[str] takes "a" or ["a", "b"]); else the first one's error.
+        # The first option the value fits (str | list[str] takes "a" or ["a", "b"]); else the error of the option
+        # of the value's own shape (a list's items are what is wrong with a list), else the first one's.
         errors = []
         for option in options:
             try:
                 return _coerce(value, option, where)
             except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+                errors.append((option, err))
+        same_shape = [err for option, err in errors
+                      if isinstance(value, (list, tuple)) == (typing.get_origin(option) in (list, tuple))]
+        raise (same_shape or [err for _, err in errors])[0]
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, where)
     origin, items = typing.get_origin(hint), typing.get_args(hint)
