@@ -189,14 +189,17 @@ def _raw(shapes, name, **sections):
     return {"name": name, "data": {"train": shapes["train"], "val": shapes["val"]}, "search": search, **sections}
 
 
-def test_a_search_with_every_train_setting_at_its_default(tmp_path, shapes):
+def test_a_search_with_every_train_setting_at_its_default(tmp_path):
     """A new user keeps the README's defaults: the compound space in its GPU-sized bounds, the default sampler
     and stopper, and every train setting (eval_every 2, EMA, jitter, amp auto...). Only phi is held at 0
-    (EfficientDet-D0's size, about 30 s an epoch on these 32 images here): D3 would take half an hour."""
+    (EfficientDet-D0's size): D3 would take half an hour. The data is one default batch (16 images) and 4 to
+    score: at 512 px each image costs, and the data is not among the defaults."""
     from search.job import SearchConfig
     from trainers.recipe import TrainConfig
+    from trainers.shapes import make_shapes
 
-    raw = {"name": "defaults", "data": {"train": shapes["train"], "val": shapes["val"]},
+    small = make_shapes(tmp_path / "shapes", train_images=TrainConfig().batch_size, val_images=4, seed=3)
+    raw = {"name": "defaults", "data": {"train": small["train"], "val": small["val"]},
            "search": {"trials": 1, "fixed": {"phi": 0}}}
     job = parse_job(raw)
     assert job.train == TrainConfig() and job.search.space == "compound" and job.search.bounds == {}
