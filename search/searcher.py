@@ -42,12 +42,7 @@ class Budget:
 
     def constraints(self, cost: ModelCost) -> dict[str, float]:
         """Optuna constraint name -> how far over that limit the cost is (feasible at <= 0)."""
-        found = {}
-        if self.max_gflops is not None:
-            found["gflops_over_budget"] = cost.gflops - self.max_gflops
-        if self.max_params_m is not None:
-            found["params_m_over_budget"] = cost.params_m - self.max_params_m
-        return found
+        return self.constraints_of(cost.gflops, cost.params_m)
 
     def describe(self) -> str:
         limits = [f"search.{key} {value:g}" for key, value in (("max_gflops", self.max_gflops),

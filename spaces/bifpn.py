@@ -7,13 +7,17 @@ from typing import Any
 
 import optuna
 
-from spaces.bounds import check_ranges, check_step, parse_bounds
+from spaces.bounds import HeldSpecFields, check_ranges, check_step, parse_bounds
 from trainers.spec import BACKBONE_FAMILIES, FUSIONS, ModelSpec, SpecError
 from trainers.typed import ConfigError
 
 
+# The input size at which scaled anchors keep anchor_scale as it is: the paper's D0.
+ANCHOR_REFERENCE = 512
+
+
 @dataclass(frozen=True)
-class BifpnBounds:
+class BifpnBounds(HeldSpecFields):
     """The backbone held fixed, and the searched ranges; (low, high) pairs are inclusive."""
 
     backbone_family: str = "efficientnet"
@@ -25,13 +29,6 @@ class BifpnBounds:
     fusions: tuple[str, ...] = ("fastattn", "sum")
     image_size: tuple[int, int] = (384, 896)
     image_step: int = 128  # a multiple of 2**max_level, so every input divides into the coarsest level
-    max_level: int = 7
-    # anchor_scale, or with scale_anchors anchor_scale * image_size / 512: the paper keeps 4 for 512 px and up,
-    # and below about 384 px most small objects match no anchor at scale 4 (DESIGN.md), so the CPU preset scales.
-    anchor_scale: float = 4.0
-    scale_anchors: bool = False
-    bn_momentum: float = 0.01
-    drop_path_rate: float = 0.2
 
     def __post_init__(self) -> None:
         check_ranges(self, ("fpn_channels", "fpn_repeats", "head_repeats", "image_size"))
@@ -65,7 +62,7 @@ class BifpnBounds:
             try:
                 ModelSpec(num_classes=1, backbone_family=self.backbone_family, backbone_width=self.backbone_width,
                           backbone_depth=self.backbone_depth, image_size=image_size, max_level=self.max_level,
-                          anchor_scale=self.anchor_scale * (image_size / 512 if self.scale_anchors else 1),
+                          anchor_scale=self.anchor_at(image_size, ANCHOR_REFERENCE),
                           fpn_channels=self.fpn_channels[corner], fpn_repeats=self.fpn_repeats[corner],
                           head_repeats=self.head_repeats[corner], fusion=self.fusions[0],
                           bn_momentum=self.bn_momentum, drop_path_rate=self.drop_path_rate)
@@ -104,7 +101,7 @@ def bifpn(trial: optuna.Trial, backbone: tuple[str, float, float] | None = None,
         "head_repeats": trial.suggest_int("head_repeats", *b.head_repeats),
         "min_level": 3,
         "max_level": b.max_level,
-        "anchor_scale": round(b.anchor_scale * image_size / 512, 3) if b.scale_anchors else b.anchor_scale,
+        "anchor_scale": b.anchor_at(image_size, ANCHOR_REFERENCE),
         "fusion": trial.suggest_categorical("fusion", list(b.fusions)),
         "bn_momentum": b.bn_momentum,
         "drop_path_rate": b.drop_path_rate,

@@ -1,12 +1,30 @@
 """A space's bounds from the job file: a named preset with any of its fields overridden, each field validated."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from trainers.typed import ConfigError, from_mapping
 
 B = TypeVar("B")
+
+
+@dataclass(frozen=True)
+class HeldSpecFields:
+    """What a model space holds fixed from its bounds rather than searching: the coarsest feature level, the
+    anchors, BatchNorm's momentum and stochastic depth."""
+
+    max_level: int = 7
+    # The paper keeps anchor_scale at 4 for 512 px and up; below about 384 px that leaves most small objects
+    # matching no anchor (DESIGN.md), so the CPU presets scale it with the input.
+    anchor_scale: float = 4.0
+    scale_anchors: bool = False
+    bn_momentum: float = 0.01
+    drop_path_rate: float = 0.2
+
+    def anchor_at(self, image_size: int, reference: int) -> float:
+        """anchor_scale, or with scale_anchors anchor_scale * image_size / reference."""
+        return round(self.anchor_scale * (image_size / reference if self.scale_anchors else 1.0), 3)
 
 
 def parse_bounds(presets: dict[str, B], raw: Any, where: str) -> B:

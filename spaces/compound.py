@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from spaces.bounds import check_ranges, parse_bounds
+from spaces.bounds import HeldSpecFields, check_ranges, parse_bounds
 from trainers.typed import ConfigError
 
 # alpha * beta^2 * gamma^2: the compound-scaling constraint (FLOPs about double per unit of phi).
@@ -22,7 +22,7 @@ FLOPS_GROWTH = 2.0
 
 
 @dataclass(frozen=True)
-class CompoundBounds:
+class CompoundBounds(HeldSpecFields):
     """The compound space's base model and search bounds; (low, high) pairs are inclusive."""
 
     backbone_family: str = "efficientnet"
@@ -38,13 +38,6 @@ class CompoundBounds:
     fpn_depth_base: tuple[int, int] = (2, 4)  # BiFPN cells at phi = 0; the paper's 3
     fpn_depth_slope: tuple[float, float] = (0.5, 1.5)  # cells per unit of phi; the paper's 1
     head_depth_base: tuple[int, int] = (2, 4)  # box/class head repeats at phi = 0; the paper's 3
-    max_level: int = 7
-    anchor_scale: float = 4.0
-    # The paper keeps anchor_scale at 4 for every resolution; below 512 px that leaves most small objects
-    # matching no anchor (DESIGN.md), so the CPU variant scales it with the input.
-    scale_anchors: bool = False
-    bn_momentum: float = 0.01
-    drop_path_rate: float = 0.2
 
     def __post_init__(self) -> None:
         check_ranges(self, ("phi", "alpha", "beta", "fpn_width_base", "fpn_width_growth", "fpn_depth_base",
@@ -146,7 +139,7 @@ def compound(trial: optuna.Trial, backbone: tuple[str, float, float] | None = No
         "head_repeats": head_base + math.floor(phi / 3),  # the paper's head rule, from a searched base
         "min_level": 3,
         "max_level": b.max_level,
-        "anchor_scale": round(b.anchor_scale * (image_size / b.base_resolution if b.scale_anchors else 1.0), 3),
+        "anchor_scale": b.anchor_at(image_size, b.base_resolution),
         "fusion": "fastattn",
         "bn_momentum": b.bn_momentum,
         "drop_path_rate": b.drop_path_rate,
