@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from search.cluster import ClusterError
     from search.frontier import FrontierError
     from search.job import JobError
     from search.ray_runtime import RayUnreachable
@@ -41,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow logs store migrations and registrations at INFO (set on import); the CLI prints its own summary.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
+    # A SIGTERM (a scheduler's or a container's stop) ends a search as Ctrl-C does: its runs are closed KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args) or 0
-    except (UsageError, JobError, ConfigError, DataError, FrontierError) as err:
+    except (UsageError, JobError, ConfigError, DataError, FrontierError, ClusterError) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 2
     except (SearchFailed, RayUnreachable) as err:
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         print("effsearch: interrupted; the search and its open trials are marked KILLED in MLflow, "
               "finished trials stay recorded", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--warm-start", metavar="EXPERIMENT",
                      help="seed the search with the complete trials of another job's search (same space)")
     p.set_defaults(func=_search)
+
+    p = sub.add_parser("submit", help="run the search a job file describes on a Ray cluster, as a Ray job")
+    p.add_argument("job", type=Path, help="job YAML file; its data paths must exist on the cluster's nodes")
+    p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--tracking-uri", help="the MLflow store the search writes to (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--store", default=None, help="the search driver's folder on the head node, for --resume "
+                   "(default: ~/.effsearch there)")
+    p.add_argument("--resume", action="store_true", help="continue this job's search, killed or stopped earlier")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("jobs", help="the Ray jobs of a cluster: list, status ID, logs ID [--follow], stop ID")
+    p.add_argument("action", choices=("list", "status", "logs", "stop"))
+    p.add_argument("job_id", nargs="?", help="the job id that submit printed (all but list)")
+    p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    p.set_defaults(func=_jobs)
 
     p = sub.add_parser("frontier", help="print an experiment's accuracy-vs-FLOPs frontier")
     p.add_argument("experiment", help="experiment name (the job's name)")
@@ -170,6 +194,42 @@ def _promote_and_report(experiment: str, max_gflops: float, model_name: str | No
     if promotion.previous_version:
         print(f"previous production version {promotion.previous_version} is kept as alias 'previous'")
     return promotion
+
+
+def _submit(args) -> int:
+    from search.cluster import DEFAULT_CLUSTER_STORE, jobs_address, submit
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray logs each package it uploads at INFO
+    submission = submit(args.job, jobs_address(args.address), tracking_uri=args.tracking_uri,
+                        store=args.store or DEFAULT_CLUSTER_STORE, resume=args.resume)
+    print(f"submitted job {submission.job_id} to {submission.address}")
+    print(f"experiment: {submission.experiment}   tracking URI: {submission.tracking_uri}")
+    print(f"next: effsearch jobs logs {submission.job_id} --follow   |   effsearch jobs status {submission.job_id}")
+    return 0
+
+
+def _jobs(args) -> int:
+    from search import cluster
+
+    if args.action != "list" and not args.job_id:
+        raise UsageError(f"jobs {args.action}: give the job id that submit printed (effsearch jobs list shows them)")
+    client = cluster.connect(cluster.jobs_address(args.address))
+    if args.action == "list":
+        views = cluster.list_jobs(client)
+        print(f"{'job':<30} {'status':<10} {'started':<20} experiment")
+        for v in views:
+            print(f"{v.job_id:<30} {v.status:<10} {v.started:<20} {v.experiment}")
+        if not views:
+            print("(no jobs submitted)")
+        return 0
+    if args.action == "logs":
+        cluster.job_logs(client, args.job_id, follow=args.follow, write=lambda text: print(text, end="", flush=True))
+        return 0
+    view = cluster.stop_job(client, args.job_id) if args.action == "stop" else cluster.job_status(client, args.job_id)
+    print(f"job {view.job_id}: {view.status}   experiment: {view.experiment}   tracking URI: {view.tracking_uri}")
+    if view.message:
+        print(view.message.splitlines()[0][:500])
+    return 0
 
 
 def _frontier(args) -> int:

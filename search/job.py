@@ -53,7 +53,8 @@ class SearchConfig:
     # with `training` (lr, weight decay, warmup, batch size, focal loss): [bifpn, training].
     space: str | list[str] = "compound"
     trials: int = 8
-    max_concurrent_trials: int = 1
+    # Trials at once; by default what the cluster holds when the search starts (search/ray_runtime.py).
+    max_concurrent_trials: int | None = None
     seed: int = 0
     sampler: str = "tpe"  # tpe (multivariate) | nsga2 | gp | random; each seeded with `seed`
     # pareto: successive halving ranked by (AP, GFLOPs) fronts | asha: Ray's ASHA on AP alone | fifo: no early stop
@@ -91,13 +92,16 @@ class Job:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     model_name: str | None = None  # registered model name; defaults to the job name
+    # Where Tune and Train keep trial checkpoints: a folder every node mounts (NFS) or a URI (s3://, gs://).
+    # Unset: EFFSEARCH_STORAGE_PATH, else the driver's own store, which is enough on one machine.
+    storage_path: str | None = None
 
     @property
     def registered_model_name(self) -> str:
         return self.model_name or self.name
 
 
-def load_job(path: str | Path) -> Job:
+def load_job(path: str | Path, *, paths_here: bool = True) -> Job:
     path = Path(path)
     if not path.is_file():
         raise JobError(f"{path}: job file not found")
@@ -108,19 +112,24 @@ def load_job(path: str | Path) -> Job:
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise JobError(f"{path}: malformed YAML{where}: {problem}") from None
-    return parse_job(raw, source=str(path), base_dir=path.parent)
+    return parse_job(raw, source=str(path), base_dir=path.parent, paths_here=paths_here)
 
 
-def parse_job(raw: Any, *, source: str = "job", base_dir: Path | str = ".") -> Job:
-    """Validate a parsed job; relative data paths are resolved against base_dir and must exist."""
+def parse_job(raw: Any, *, source: str = "job", base_dir: Path | str = ".", paths_here: bool = True) -> Job:
+    """Validate a parsed job; relative data paths are resolved against base_dir and, with paths_here, must exist
+    on this machine (a job submitted to a cluster has them checked there instead: search/cluster.py)."""
     try:
         job = from_mapping(Job, raw, "job")
     except ConfigError as err:
         raise JobError(f"{source}: {err}") from None
     _check_values(job, source)
-    job = replace(job, data=_resolve_data(job.data, Path(base_dir), source))
+    job = replace(job, data=_resolve_data(job.data, Path(base_dir), source, paths_here))
+    if job.storage_path is not None:
+        job = replace(job, storage_path=storage_location(job.storage_path, "job.storage_path", Path(base_dir),
+                                                         source))
     if job.model.backbone_weights:
-        weights = _resolve(job.model.backbone_weights, Path(base_dir), "job.model.backbone_weights", True, source)
+        weights = _resolve(job.model.backbone_weights, Path(base_dir), "job.model.backbone_weights", True, source,
+                           paths_here)
         job = replace(job, model=replace(job.model, backbone_weights=weights))
     return job
 
@@ -133,9 +142,10 @@ def _check_values(job: Job, source: str) -> None:
     except ConfigError as err:
         problems.append(str(err))
         space_ok = False
-    for key in ("trials", "max_concurrent_trials"):
-        if getattr(job.search, key) < 1:
-            problems.append(f"job.search.{key}: must be >= 1")
+    if job.search.trials < 1:
+        problems.append("job.search.trials: must be >= 1")
+    if job.search.max_concurrent_trials is not None and job.search.max_concurrent_trials < 1:
+        problems.append("job.search.max_concurrent_trials: must be >= 1 (leave it out for what the cluster holds)")
     for key in ("max_gflops", "max_params_m"):
         if getattr(job.search, key) is not None and getattr(job.search, key) <= 0:
             problems.append(f"job.search.{key}: must be > 0")
@@ -183,17 +193,39 @@ def _check_values(job: Job, source: str) -> None:
         raise JobError(f"{source}: {problems[0]}")
 
 
-def _resolve(value: str, base: Path, key: str, want_file: bool, source: str) -> str:
+STORAGE_VARIABLE = "EFFSEARCH_STORAGE_PATH"
+# pyarrow's file systems, which Tune and Train write checkpoints through.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def storage_location(value: str, key: str, base: Path, source: str) -> str:
+    """A URI pyarrow can write to, unchanged, or a folder made absolute (against base): the folder need not exist
+    on this machine, since on a cluster it is the nodes' shared mount."""
+    value = str(value).strip()
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        if scheme.lower() not in STORAGE_SCHEMES or not rest.strip("/"):
+            raise JobError(f"{source}: {key}: {value!r} is not a storage URI Tune can write to ("
+                           f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}) nor a folder")
+        return value
+    if not value:
+        raise JobError(f"{source}: {key}: must be a folder or a URI, got an empty string")
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else base / path).resolve())
+
+
+def _resolve(value: str, base: Path, key: str, want_file: bool, source: str, must_exist: bool = True) -> str:
     path = Path(value).expanduser()
     path = path if path.is_absolute() else (base / path)
-    if not (path.is_file() if want_file else path.is_dir()):
+    if must_exist and not (path.is_file() if want_file else path.is_dir()):
         raise JobError(f"{source}: {key}: {'file' if want_file else 'folder'} not found: {path}")
     return str(path.resolve())
 
 
-def _resolve_data(data: DataConfig, base: Path, source: str) -> DataConfig:
+def _resolve_data(data: DataConfig, base: Path, source: str, must_exist: bool) -> DataConfig:
     splits = {split: DataSplit(
-        annotations=_resolve(getattr(data, split).annotations, base, f"job.data.{split}.annotations", True, source),
-        images=_resolve(getattr(data, split).images, base, f"job.data.{split}.images", False, source))
+        annotations=_resolve(getattr(data, split).annotations, base, f"job.data.{split}.annotations", True, source,
+                             must_exist),
+        images=_resolve(getattr(data, split).images, base, f"job.data.{split}.images", False, source, must_exist))
         for split in ("train", "val")}
     return replace(data, **splits)

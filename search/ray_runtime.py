@@ -52,13 +52,31 @@ def cluster_address(explicit: str | None) -> ClusterAddress | None:
     host, _, port = rest.rpartition(":")
     if not host or not port.isdigit():
         raise RayUnreachable(f"{found.source} {found.address}: expected HOST:PORT, auto or local")
-    try:
-        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
-    except OSError as err:
-        raise RayUnreachable(f"cannot reach the Ray cluster at {found.address} (from {found.source}): "
-                             f"{err.strerror or err}; is its head running? Unset {ADDRESS_VARIABLE} to search on "
-                             f"a local Ray") from None
+    check_reachable(host, int(port), f"the Ray cluster at {found.address} (from {found.source})",
+                    f"is its head running? Unset {ADDRESS_VARIABLE} to search on a local Ray")
     return found
+
+
+def check_reachable(host: str, port: int, what: str, hint: str) -> None:
+    """A TCP connection within REACH_TIMEOUT_S, or RayUnreachable naming `what`."""
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise RayUnreachable(f"cannot reach {what}: {err.strerror or err}; {hint}") from None
+
+
+def trials_the_cluster_holds(per_worker: dict[str, float], workers_per_trial: int) -> int:
+    """How many trials of `workers_per_trial` workers, each reserving `per_worker` ({"CPU": 2, "GPU": 1}), fit at
+    once on the alive nodes, counting whole workers per node (a trial's workers may spread when no node holds them
+    all). At least 1: on an autoscaling cluster whose GPU nodes are not up yet, the first trial's demand starts one.
+    """
+    slots = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        slots += min(int(have.get(key, 0) // amount) for key, amount in per_worker.items() if amount > 0)
+    return max(1, slots // workers_per_trial)
 
 
 def start_ray(address: ClusterAddress | None) -> None:

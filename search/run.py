@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -15,9 +16,9 @@ from ray import tune
 
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, record_frontier
-from search.job import Job, JobError
+from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
 from search.progress import ProgressPrinter
-from search.ray_runtime import cluster_address, start_ray
+from search.ray_runtime import cluster_address, start_ray, trials_the_cluster_holds
 from search.scheduler import make_scheduler
 from search.searcher import Budget, BudgetedOptunaSearch, CostCounter
 from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
@@ -87,10 +88,11 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space), _budget(job))
             client.set_tag(parent_id, WARM_START_TAG, warm_start_from)
             say(f"warm start: {copied} complete trials of {warm_start_from!r} seed this search's study")
-        storage_path = str(store / "ray")
+        storage_path = _storage_path(job, store)
         setup = TrialSetup(job=job, data=data, storage_path=storage_path)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         start_ray(address)
+        concurrency = _concurrency(job, say)
         searcher = BudgetedOptunaSearch(
             space, cost_of=CostCounter(data.train.num_classes), budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
@@ -111,7 +113,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     scheduler=make_scheduler(job.search.scheduler, max_epochs=job.train.epochs,
                                              grace_period=job.search.grace_period,
                                              reduction_factor=job.search.reduction_factor),
-                    max_concurrent_trials=job.search.max_concurrent_trials,
+                    max_concurrent_trials=concurrency,
                     # A trial's process is kept for the next: starting one (and importing torch in it) cost
                     # about 6 s a trial here (12 replayed trials: 98 s without, 26 s with).
                     reuse_actors=True),
@@ -126,7 +128,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     verbose=0, failure_config=tune.FailureConfig(max_failures=trial_retries(job.resources),
                                                                  fail_fast=False)),
             )
-            save_record(store, job.name, SearchRecord(parent_id, str(Path(storage_path) / name)))
+            save_record(store, job.name, SearchRecord(parent_id, _join(storage_path, name)))
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
@@ -145,7 +147,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         finally:
             client.set_terminated(parent_id, status)
             if status == "FINISHED":  # nothing left to resume
-                tune_path = record.tune_path if record else str(Path(storage_path) / name)
+                tune_path = record.tune_path if record else _join(storage_path, name)
                 save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
     failed = [r for r in results if r.error is not None]
     pruned = [r for r in results if r.error is None and (r.metrics or {}).get(FULL_BUDGET_KEY) != 1]
@@ -172,6 +174,33 @@ def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOp
     say(f"budget: {infeasible} of {len(searcher.proposals)} proposals were over budget and never started; "
         f"within budget: {share[0]:.0%} of the first half, {share[1]:.0%} of the second")
     return share
+
+
+def _storage_path(job: Job, store: Path) -> str:
+    """Where trials checkpoint: the job's storage_path, else EFFSEARCH_STORAGE_PATH, else the driver's store (one
+    machine). On a multi-node cluster it must be storage every node reaches, or a trial restarted on another node
+    would not find its checkpoints."""
+    if job.storage_path:
+        return job.storage_path
+    if os.environ.get(STORAGE_VARIABLE):
+        return storage_location(os.environ[STORAGE_VARIABLE], STORAGE_VARIABLE, Path.cwd(), "environment")
+    return str(store / "ray")
+
+
+def _join(storage_path: str, name: str) -> str:
+    """storage_path/name for a folder or a URI (pathlib would fold s3:// into s3:/)."""
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def _concurrency(job: Job, say: Callable[[str], None]) -> int:
+    """The job's max_concurrent_trials, else the trials the cluster holds now."""
+    if job.search.max_concurrent_trials is not None:
+        return job.search.max_concurrent_trials
+    resources = job.resources
+    per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+    held = trials_the_cluster_holds(per_worker, resources.workers_per_trial)
+    say(f"concurrency: {held} trials at once, what the cluster holds now (search.max_concurrent_trials sets it)")
+    return held
 
 
 def _budget(job: Job) -> Budget:

@@ -8,7 +8,11 @@ from mlflow.tracking import MlflowClient
 
 from search.states import FAILED, STATE_TAG
 
-DEFAULT_STORE = Path(".effsearch")
+# The driver's own folder: the Optuna journal, the records --resume reads, and (unless the job names a storage_path
+# and MLFLOW_TRACKING_URI is set) the trials' checkpoints and the SQLite tracking store. A submitted job sets it to
+# a folder on the head that outlives the job (search/cluster.py).
+STORE_VARIABLE = "EFFSEARCH_STORE"
+DEFAULT_STORE = Path(os.environ.get(STORE_VARIABLE) or ".effsearch").expanduser()
 TRIAL_ID_TAG = "effsearch.trial_id"
 FULL_BUDGET_TAG = "effsearch.full_budget"  # "true" only when the trial ran every epoch it was given
 FRONTIER_TAG = "frontier"

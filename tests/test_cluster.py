@@ -8,6 +8,7 @@ from itertools import combinations
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.tune import Callback
 
 from search.job import parse_job
 from search.run import run_search
@@ -94,3 +95,92 @@ def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked
     # The trials ran side by side, so the check above had something to check.
     assert any(a["start"] < b["end"] and b["start"] < a["end"] for a, b in combinations(records, 2)
                if a["run"] != b["run"])
+
+
+_CLUSTERS: dict[str, Cluster] = {}
+
+
+class _KillNodeMidSearch(Callback):
+    """Once a trial has finished and another has reported its second epoch (so Tune holds its first epoch's
+    checkpoint), removes the worker node that runs that trial, as a lost or preempted machine would go."""
+
+    def __init__(self, cluster: Cluster):
+        _CLUSTERS["lost-node"] = cluster  # not an attribute: Tune pickles its callbacks with its own state
+        self.finished: dict[str, float] = {}  # trial id: its AP, as it finished
+        self.killed_trials: dict[str, int] = {}  # trial id: the last epoch it had reported
+        self.running: dict[str, tuple[int, int]] = {}  # trial id: its process, its last epoch
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.running[trial.trial_id] = (result["pid"], result.get("epoch", 0))
+        if self.killed_trials or not self.finished or result.get("epoch", 0) != 2:  # epoch 2 of 3: one to go
+            return
+        node = self._node_of(result["pid"])
+        if node is None:
+            return
+        self.killed_trials = {tid: epoch for tid, (pid, epoch) in self.running.items()
+                              if tid not in self.finished and self._node_of(pid) is node}
+        _CLUSTERS["lost-node"].remove_node(node, allow_graceful=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.setdefault(trial.trial_id, trial.last_result["map"])
+
+    def _node_of(self, pid: int):
+        import psutil
+
+        try:
+            ancestors = {p.pid for p in psutil.Process(pid).parents()}
+        except psutil.NoSuchProcess:
+            return None
+        for node in _CLUSTERS["lost-node"].worker_nodes:
+            if node.all_processes["raylet"][0].process.pid in ancestors:
+                return node
+        return None
+
+
+@pytest.fixture
+def two_cpu_nodes(ray_tmpdir, monkeypatch):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_lost_node_costs_no_finished_trial_and_its_trials_continue_from_their_checkpoints(
+        tmp_path, shapes, two_cpu_nodes, monkeypatch):
+    """A worker node dies in the middle of a real search (real training, resources.max_failures at its default,
+    1): the trials it ran restart on the other node from their last checkpoint, the search ends with every trial
+    it asked for, and the trials that had finished keep their one MLflow run and their results."""
+    from mlflow.tracking import MlflowClient
+
+    from search.states import COMPLETE, STATE_TAG
+    from search.tracking import PARENT_TAG, TRIAL_ID_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    raw = {"name": "lost-node", "data": {"train": shapes["train"], "val": shapes["val"]},
+           "search": {"space": "lite_cpu", "trials": 4, "max_concurrent_trials": 2, "scheduler": "fifo",
+                      "sampler": "random"},
+           "train": {"epochs": 3, "batch_size": 8, "eval_every": 1},
+           "resources": {"cpus_per_worker": 1}}
+    killer = _KillNodeMidSearch(two_cpu_nodes)
+    outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None, callbacks=[killer])
+
+    assert killer.killed_trials, "no node was removed while a trial ran on it"
+    assert outcome.finished == 4 and outcome.failed == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([outcome.experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    by_trial = {r.data.tags[TRIAL_ID_TAG]: r for r in runs}
+    assert len(runs) == len(by_trial) == 4  # one run per trial: no trial recorded twice
+    assert all(r.data.tags[STATE_TAG] == COMPLETE and r.info.status == "FINISHED" for r in runs)
+    for trial_id, epoch in killer.killed_trials.items():  # those with a checkpoint restarted from it
+        if epoch >= 2:
+            assert by_trial[trial_id].data.metrics["resumed_from_epoch"] >= 1
+    for trial_id, ap in killer.finished.items():
+        assert by_trial[trial_id].data.metrics["map"] == pytest.approx(ap)
+    assert len(two_cpu_nodes.worker_nodes) == 1

@@ -82,6 +82,7 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"search": ["space: [bifpn, training]", "enqueue: [d0, {batch_size: 12}]"]},
      "job.search.enqueue[1].batch_size: 12 is not one of the bifpn + training space's values (one of 8, 16, 32)"),
     ({"search": ["space: {bifpn: 1}"]}, "job.search.space: must be a string"),
+    ({"search": ["max_concurrent_trials: 0"]}, "job.search.max_concurrent_trials: must be >= 1"),
 ])
 def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     path = tmp_path / "job.yaml"
@@ -89,6 +90,25 @@ def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     with pytest.raises(JobError) as err:
         load_job(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_storage_path_takes_a_shared_folder_or_a_uri_and_the_job_wins_over_the_environment(tmp_path, shapes,
+                                                                                               monkeypatch):
+    from search.run import _storage_path
+
+    path = tmp_path / "job.yaml"
+    monkeypatch.delenv("EFFSEARCH_STORAGE_PATH", raising=False)
+    path.write_text(_job_text(shapes))
+    assert _storage_path(load_job(path), tmp_path / "store") == str(tmp_path / "store" / "ray")  # one machine
+    monkeypatch.setenv("EFFSEARCH_STORAGE_PATH", "gs://bucket/effsearch")
+    assert _storage_path(load_job(path), tmp_path / "store") == "gs://bucket/effsearch"
+    for given, kept in [("s3://bucket/runs", "s3://bucket/runs"), ("shared/runs", str(tmp_path / "shared/runs"))]:
+        path.write_text(_job_text(shapes) + f"storage_path: {given}\n")  # a folder need not exist here yet
+        assert _storage_path(load_job(path), tmp_path / "store") == kept
+    for bad in ("ftp://host/runs", "s3://"):
+        path.write_text(_job_text(shapes) + f"storage_path: {bad}\n")
+        with pytest.raises(JobError, match=f"job.storage_path: '{bad}' is not a storage URI Tune can write to"):
+            load_job(path)
 
 
 def test_missing_data_path_names_the_key(tmp_path, shapes):
