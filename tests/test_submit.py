@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
-from search.tracking import PARENT_TAG
+from search.tracking import PARENT_TAG, TRIAL_ID_TAG
 from search.states import STATE_TAG
 
 TINY = {"space": "lite_cpu", "trials": 2, "scheduler": "fifo", "sampler": "random"}
@@ -105,6 +105,8 @@ def test_a_submitted_search_runs_on_the_cluster_and_records_its_trials(jobs_api,
     assert ": SUCCEEDED " in final, logs
     assert "2 trials finished" in logs and "tracking store: " + uri in logs
     assert "concurrency: 4 trials at once" in logs  # two nodes of 2 CPUs, 1 CPU a trial: the default
+    assert main(["jobs", "logs", job_id, "--follow", "--address", jobs_api]) == 0  # returns once the job has ended
+    assert "2 trials finished" in capsys.readouterr().out
 
     # The job's driver wrote to the store the submission named; its store on the head is the one asked for.
     client = MlflowClient(uri)
@@ -117,10 +119,12 @@ def test_a_submitted_search_runs_on_the_cluster_and_records_its_trials(jobs_api,
     assert len(list((tmp_path / "shared").glob("submitted-*/*/checkpoint_*"))) == 2  # each trial's, on the share
 
 
-def test_jobs_stop_interrupts_the_search_and_leaves_no_run_running(jobs_api, tmp_path, shapes, capsys, monkeypatch):
+def test_jobs_stop_interrupts_the_search_and_submit_resume_finishes_it(jobs_api, tmp_path, shapes, capsys,
+                                                                        monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    job_id, _ = _submit(capsys, _job_file(tmp_path, shapes, "stopped", epochs=20), jobs_api, tmp_path / "store")
+    job_file = _job_file(tmp_path, shapes, "stopped", epochs=4)
+    job_id, _ = _submit(capsys, job_file, jobs_api, tmp_path / "store")
     client = MlflowClient(uri)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # stop it once a trial is training
@@ -135,7 +139,22 @@ def test_jobs_stop_interrupts_the_search_and_leaves_no_run_running(jobs_api, tmp
     assert f"job {job_id}: STOPPED" in capsys.readouterr().out
     runs = client.search_runs([experiment.experiment_id])
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
-    assert {r.info.status for r in runs if PARENT_TAG not in r.data.tags} == {"KILLED"}
+    (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
+    assert parent.info.status == "KILLED"
+
+    # The stopped search continues where it was: same parent run, both trials, no trial trained twice over.
+    assert main(["submit", str(job_file), "--address", jobs_api, "--store", str(tmp_path / "store"),
+                 "--resume"]) == 0
+    resumed = re.search(r"submitted job (\S+)", capsys.readouterr().out).group(1)
+    final = _wait_for(capsys, jobs_api, resumed, ["SUCCEEDED", "FAILED", "STOPPED"])
+    assert main(["jobs", "logs", resumed, "--address", jobs_api]) == 0
+    logs = capsys.readouterr().out
+    assert ": SUCCEEDED " in final, logs
+    assert f"resuming the search of parent run {parent.info.run_id}" in logs
+    runs = client.search_runs([experiment.experiment_id])
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    complete = [r for r in runs if r.data.tags.get(STATE_TAG) == "complete"]
+    assert len({r.data.tags[TRIAL_ID_TAG] for r in complete}) == len(complete) == 2
 
 
 def test_a_path_the_cluster_lacks_is_named_before_any_job_is_left(jobs_api, tmp_path, shapes, capsys, monkeypatch):
