@@ -80,8 +80,9 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     status, children_status = "FAILED", "FAILED"
     try:
         if record is None:
-            for key, value in _flat_params(job).items():
-                client.log_param(parent_id, key, value)
+            params = [mlflow.entities.Param(key, str(value)) for key, value in _flat_params(job).items()]
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                client.log_batch(parent_id, params=params[start:start + 100])
             for split, report in reports.items():
                 client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
         if warm_start_from and record is None:
