@@ -69,3 +69,15 @@ def ray_tmpdir(monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", folder)
     yield Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def module_by_value(request):
+    """Ray's workers cannot import a test module: its stand-in trainables go to them by value, for this test only
+    (left registered, a later test's Tune callback in that module was pickled by value with everything it
+    reaches, and failed on a lock)."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(request.module)

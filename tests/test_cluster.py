@@ -1,7 +1,6 @@
 """Searches on a real multi-node Ray cluster on this machine (ray.cluster_utils), with fake GPU resources."""
 import json
 import os
-import sys
 import time
 from itertools import combinations
 
@@ -62,13 +61,12 @@ def two_gpu_nodes(ray_tmpdir, monkeypatch):
 
 
 def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked(
-        tmp_path, shapes, two_gpu_nodes, monkeypatch):
+        tmp_path, shapes, two_gpu_nodes, monkeypatch, module_by_value):
     """4 trials of 2 workers x 1 GPU side by side fill two nodes of 4 GPUs and 4 CPUs. When each trial's driver
     reserved 0.01 CPU on a GPU node, a trial's workers no longer fit beside another's and were split over both
     nodes."""
     gpu_nodes = {node.node_id for node in two_gpu_nodes.worker_nodes}
     _PLACEMENTS["folder"] = str(tmp_path)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = {"name": "gpus", "data": {"train": shapes["train"], "val": shapes["val"]},
            "search": {"space": "lite_cpu", "trials": 4, "max_concurrent_trials": 4, "scheduler": "fifo"},

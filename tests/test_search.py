@@ -418,6 +418,7 @@ def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, callbac
     finally:
         ray.shutdown()
         patch.undo()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     study = optuna.load_study(study_name=raw["name"],
                               storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
     return outcome, starts.specs, study
