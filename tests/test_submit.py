@@ -168,6 +168,10 @@ def test_a_path_the_cluster_lacks_is_named_before_any_job_is_left(jobs_api, tmp_
     assert "job.data.val.images: /nonexistent/effsearch/val-images does not exist on the cluster" in err
     assert main(["jobs", "list", "--address", jobs_api]) == 0
     assert "nowhere" not in capsys.readouterr().out  # neither the check nor a search job remains
+    for action in ("status", "logs", "stop"):
+        assert main(["jobs", action, "raysubmit_nope", "--address", jobs_api]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("effsearch: error: job raysubmit_nope: ") and "\n" not in err, err
 
 
 def test_submit_and_jobs_refuse_what_is_not_a_jobs_api_in_one_line(tmp_path, shapes, capsys, monkeypatch):
