@@ -1,4 +1,5 @@
 """Searches on a real multi-node Ray cluster on this machine (ray.cluster_utils), with fake GPU resources."""
+import contextlib
 import json
 import os
 import time
@@ -44,20 +45,27 @@ def _placed_trial(config, *, setup):
     run_trial(config, setup=replace(setup, worker_loop=_report_placement, torch_backend="gloo"))
 
 
-@pytest.fixture
-def two_gpu_nodes(ray_tmpdir, monkeypatch):
-    """A head with no GPU and two worker nodes of 4 fake GPUs each; the search reaches it through RAY_ADDRESS."""
-    # As in cluster.yaml, the head offers no CPU: whatever a trial reserves lands on the GPU nodes.
+@contextlib.contextmanager
+def _head_and_two_nodes(monkeypatch, **node):
+    """A head that offers no CPU, as in cluster.yaml (whatever a trial reserves lands on the worker nodes), and two
+    worker nodes of `node` resources; the search reaches it through RAY_ADDRESS."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for _ in range(2):
-            cluster.add_node(num_cpus=4, num_gpus=4)
+            cluster.add_node(**node)
         cluster.wait_for_nodes()
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
         yield cluster
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def two_gpu_nodes(ray_tmpdir, monkeypatch):
+    """Two worker nodes of 4 CPUs and 4 fake GPUs each."""
+    with _head_and_two_nodes(monkeypatch, num_cpus=4, num_gpus=4) as cluster:
+        yield cluster
 
 
 def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked(
@@ -137,16 +145,9 @@ class _KillNodeMidSearch(Callback):
 
 @pytest.fixture
 def two_cpu_nodes(ray_tmpdir, monkeypatch):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    """Two worker nodes of 2 CPUs each, for real training."""
+    with _head_and_two_nodes(monkeypatch, num_cpus=2) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_a_lost_node_costs_no_finished_trial_and_its_trials_continue_from_their_checkpoints(

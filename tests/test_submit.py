@@ -1,4 +1,5 @@
 """`effsearch submit` and `effsearch jobs` against the Jobs API of a real multi-node Ray cluster on this machine."""
+import os
 import re
 import shutil
 import socket
@@ -34,8 +35,10 @@ def jobs_api():
     with pytest.MonkeyPatch.context() as patch:
         folder = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must fit 107 characters
         patch.setenv("RAY_TMPDIR", folder)
-        patch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
+        patch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         patch.delenv("RAY_ADDRESS", raising=False)
+        # The cluster's own home: a submission's default driver store (~/.effsearch on the head) lands here.
+        patch.setenv("HOME", tempfile.mkdtemp(prefix="home", dir=folder))
         port = _free_port()
         # Every node's dashboard agent would listen on 52365: the head's must get a port (the Jobs API submits
         # through it), and another Ray on this machine may hold that one.
@@ -66,8 +69,8 @@ def _job_file(tmp_path, shapes, name, **train) -> Path:
     return path
 
 
-def _submit(capsys, job_file, address, store) -> tuple[str, str]:
-    assert main(["submit", str(job_file), "--address", address, "--store", str(store)]) == 0
+def _submit(capsys, job_file, address, store=None) -> tuple[str, str]:
+    assert main(["submit", str(job_file), "--address", address, *(["--store", str(store)] if store else [])]) == 0
     out = capsys.readouterr().out
     return re.search(r"submitted job (\S+)", out).group(1), out
 
@@ -91,7 +94,7 @@ def test_a_submitted_search_runs_on_the_cluster_and_records_its_trials(jobs_api,
                                                                          monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    job_id, out = _submit(capsys, _job_file(tmp_path, shapes, "submitted"), jobs_api, tmp_path / "store")
+    job_id, out = _submit(capsys, _job_file(tmp_path, shapes, "submitted"), jobs_api)  # the default store
     assert "experiment: submitted" in out and f"tracking URI: {uri}" in out
 
     assert main(["jobs", "list", "--address", jobs_api]) == 0
@@ -115,7 +118,7 @@ def test_a_submitted_search_runs_on_the_cluster_and_records_its_trials(jobs_api,
     trials = [r for r in runs if PARENT_TAG in r.data.tags]
     assert len(trials) == 2 and all(r.data.tags[STATE_TAG] == "complete" for r in trials)
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert (tmp_path / "store" / "optuna.journal").is_file()
+    assert (Path(os.environ["HOME"]) / ".effsearch" / "optuna.journal").is_file()  # the head's ~
     assert len(list((tmp_path / "shared").glob("submitted-*/*/checkpoint_*"))) == 2  # each trial's, on the share
 
 
