@@ -5,6 +5,9 @@ import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Ray waits 30 s for a new head's GCS to publish its port; on CI's 2 busy cores one cluster head took longer
+# and three tests errored in set-up. 120 s is what Ray itself allows a slower (RocksDB) GCS.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 import pytest  # noqa: E402
@@ -81,3 +84,17 @@ def module_by_value(request):
     ray.cloudpickle.register_pickle_by_value(request.module)
     yield
     ray.cloudpickle.unregister_pickle_by_value(request.module)
+
+
+def start_cluster(**head_node_args):
+    """A ray.cluster_utils.Cluster head; if it does not come up, the error carries the tail of its GCS logs (the
+    folder is gone once a CI run ends)."""
+    from ray.cluster_utils import Cluster
+
+    try:
+        return Cluster(initialize_head=True, head_node_args=head_node_args)
+    except Exception as err:
+        root = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+        logs = sorted(root.glob("session_*/logs/gcs_server.*"), key=lambda p: p.stat().st_mtime)[-2:]
+        tails = "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:]) for p in logs)
+        raise RuntimeError(f"the cluster's head did not start: {err}\n{tails or 'no GCS log under ' + str(root)}")

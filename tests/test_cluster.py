@@ -10,6 +10,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.tune import Callback
 
+from conftest import start_cluster
 from search.job import parse_job
 from search.run import run_search
 from search.trainable import run_trial
@@ -49,7 +50,7 @@ def _placed_trial(config, *, setup):
 def _head_and_two_nodes(monkeypatch, **node):
     """A head that offers no CPU, as in cluster.yaml (whatever a trial reserves lands on the worker nodes), and two
     worker nodes of `node` resources; the search reaches it through RAY_ADDRESS."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = start_cluster(num_cpus=0)
     try:
         for _ in range(2):
             cluster.add_node(**node)

@@ -157,7 +157,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
-    (parent,) = client.search_runs([experiment_id], f"tags.`effsearch.kind` = 'search'")
+    (parent,) = client.search_runs([experiment_id], "tags.`effsearch.kind` = 'search'")
     assert parent.info.status == "FINISHED"
     runs = _children(client, experiment_id, parent.info.run_id)
     trial_ids = [r.data.tags[TRIAL_ID_TAG] for r in runs]

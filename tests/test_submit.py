@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import start_cluster
 from search.cli import main
 from search.tracking import PARENT_TAG, TRIAL_ID_TAG
 from search.states import STATE_TAG
@@ -30,7 +31,6 @@ def jobs_api():
     """A head with its dashboard (the Jobs API) and no CPU to give, and two worker nodes of 2 CPUs. The nodes find
     this project's Python first on PATH, as a cluster built from cluster.yaml does."""
     import ray
-    from ray.cluster_utils import Cluster
 
     with pytest.MonkeyPatch.context() as patch:
         folder = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must fit 107 characters
@@ -42,9 +42,8 @@ def jobs_api():
         port = _free_port()
         # Every node's dashboard agent would listen on 52365: the head's must get a port (the Jobs API submits
         # through it), and another Ray on this machine may hold that one.
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-            "dashboard_agent_listen_port": _free_port()})
+        cluster = start_cluster(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                                dashboard_agent_listen_port=_free_port())
         try:
             for _ in range(2):
                 # Each node its own temp folder, as on separate machines: nodes that share one unpack the job's
