@@ -116,3 +116,14 @@ def test_backbone_keeps_effdet_stochastic_depth_and_takes_the_spec_bn_momentum()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert sum(1 for n, m in model.named_modules() if n.startswith("backbone") and m in norms) > 10
     assert {m.momentum for m in norms} == {0.1}  # backbone, BiFPN and heads alike
+
+
+def test_a_spec_is_counted_once_and_an_equal_spec_reuses_the_count():
+    """A trial checks its budget and then trains, and both want the count: the second is the cached one."""
+    spec = SMALL.replace(fpn_channels=56)
+    before = model_cost.cache_info()
+    first = model_cost(spec)
+    assert model_cost(SMALL.replace(fpn_channels=56)) is first  # an equal spec, built anew
+    after = model_cost.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    assert model_cost(spec.replace(fpn_channels=64)) is not first

@@ -1,6 +1,7 @@
 """What a variant costs: parameters, FLOPs (multiply-adds, counted on the meta device) and latency."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 import time
@@ -26,6 +27,9 @@ class ModelCost:
         return self.params / 1e6
 
 
+# A trial counts its model once for the budget check and again inside `fit`, and a searcher may count a
+# configuration it saw before: the count (build on meta plus a counted forward, about 0.7 s) is kept per spec.
+@functools.lru_cache(maxsize=1024)
 def model_cost(spec: ModelSpec) -> ModelCost:
     model = build_on_meta(spec).eval()
     params = sum(p.numel() for p in model.parameters())
