@@ -32,9 +32,11 @@ second trial before the last GPU gets its first):
   doing (proposing, MLflow, the scheduler, Tune's own work, waiting on Ray); the machine's memory is sampled
   every 5 s and the cluster's processes (their USS) every 30 s. Node start-up is timed, and is outside the window.
 
-Added after the first full-size result (BENCHMARKS.md): the share of the window spent in the stand-in's sleeps
-alone, printed above the headline. The headline counts a trial as busy while its process waits in
-ray.tune.report() for the driver to take the result, which is not training; that share is the stricter figure.
+Changed after the first full-size result (BENCHMARKS.md), which counted a trial as busy while its process
+waited in ray.tune.report() for the driver to take the result, which is not training: since then the headline
+`gpu_busy` is the share of the window spent in the stand-in's sleeps alone (each epoch's [report - epoch_s,
+report]), and the per-bin figures are of that too. The first run's figure, from a trial's begin to its last
+report, is printed above it as `busy, begin to last report`.
 
 Simulation settings, not the project's: the nodes' object stores are 96 MiB each, the head runs no dashboard, and
 each raylet starts one worker process at a time with 10 minutes to register (with 8 at once a node and Ray's 60 s,
@@ -323,7 +325,7 @@ def analyse(trials: dict[str, dict], first_start: float, ready: float) -> dict:
         out["reserved"] = sum(overlap(t["driver_start"], t.get("driver_end", hi), lo, hi)
                               for t in trials.values() if "driver_start" in t) / (GPUS * span)
         bins = [(lo + 10 * i, min(hi, lo + 10 * (i + 1))) for i in range(math.ceil(span / 10))]
-        out["bins"] = [sum(overlap(t["began"], t["last_report"], a, b) for t in ran) / (GPUS * (b - a))
+        out["bins"] = [sum(overlap(c, d, a, b) for t in ran for c, d in t["epoch_spans"]) / (GPUS * (b - a))
                        for a, b in bins if b - a >= 5]
     else:
         out["window"] = None
@@ -501,10 +503,10 @@ def main() -> None:
     lo, hi = result["window"]
     b_med, b10, b90 = quantiles(result["bins"])
     say(f"steady state: {lo:.0f}-{hi:.0f} s after the cluster was up ({hi - lo:.0f} s); reserved by running trials "
-        f"{result['reserved']:.3f}; busy per 10-s bin median {b_med:.3f}, p10-p90 {b10:.3f}-{b90:.3f}")
-    say(f"of which training (the stand-in's sleeps): {result['training_only']:.3f}; the rest, "
-        f"{result['gpu_busy'] - result['training_only']:.3f}, trials waited in ray.tune.report() for the driver")
-    say(f"gpu_busy: {result['gpu_busy']:.2f}")
+        f"{result['reserved']:.3f}; training per 10-s bin median {b_med:.3f}, p10-p90 {b10:.3f}-{b90:.3f}")
+    say(f"busy, begin to last report (the first run's headline): {result['gpu_busy']:.3f}; of that, "
+        f"{result['gpu_busy'] - result['training_only']:.3f} trials waited in ray.tune.report() for the driver")
+    say(f"gpu_busy: {result['training_only']:.2f}")
 
 
 if __name__ == "__main__":

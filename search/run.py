@@ -95,7 +95,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         start_ray(address)
         concurrency = _concurrency(job, say)
         searcher = BudgetedOptunaSearch(
-            space, cost_of=CostCounter(data.train.num_classes), budget=_budget(job),
+            space, cost_of=CostCounter(data.train.num_classes, count_flops=job.search.max_gflops is not None),
+            budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
             study_name=job.name, storage=journal)
         runnable = tune.with_resources(tune.with_parameters(trainable, setup=setup),

@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.states import FULL_BUDGET_KEY, INFEASIBLE, PRUNED, STATE_TAG
-from trainers.cost import ModelCost, model_cost
+from trainers.cost import ModelCost, ModelShape, model_cost, model_shape
 from trainers.spec import ModelSpec
 
 GFLOPS_ATTR = "gflops"
@@ -40,9 +40,9 @@ class Budget:
     max_gflops: float | None = None
     max_params_m: float | None = None
 
-    def constraints(self, cost: ModelCost) -> dict[str, float]:
+    def constraints(self, cost: ModelShape) -> dict[str, float]:
         """Optuna constraint name -> how far over that limit the cost is (feasible at <= 0)."""
-        return self.constraints_of(cost.gflops, cost.params_m)
+        return self.constraints_of(getattr(cost, "gflops", None), cost.params_m)
 
     def describe(self) -> str:
         limits = [f"search.{key} {value:g}" for key, value in (("max_gflops", self.max_gflops),
@@ -61,19 +61,21 @@ class Budget:
 
 
 class CostCounter:
-    """GFLOPs and parameters of a proposed spec dict, each configuration counted once (a count builds the model on
-    meta). A class, not a closure: Tune pickles the searcher with its controller's checkpoints."""
+    """The architecture and parameters of a proposed spec dict, and its GFLOPs when `count_flops` (a GFLOPs budget
+    to check), each configuration counted once (a count builds the model on meta, and the GFLOPs run it there:
+    about 0.3 and 0.5 s for a D0, on the search's event loop). A class, not a closure: Tune pickles the searcher
+    with its controller's checkpoints."""
 
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.counted: dict[str, ModelCost] = {}
+    def __init__(self, num_classes: int, *, count_flops: bool = True):
+        self.num_classes, self.count_flops = num_classes, count_flops
+        self.counted: dict[str, ModelShape] = {}
 
-    def __call__(self, spec: dict) -> ModelCost:
+    def __call__(self, spec: dict) -> ModelShape:
         # The loss settings change no cost: configurations that differ only there are counted once.
         key = json.dumps({k: v for k, v in spec.items() if not k.startswith("focal_")}, sort_keys=True)
         if key not in self.counted:
-            self.counted[key] = model_cost(ModelSpec.from_dict({**spec, "num_classes": self.num_classes},
-                                                               where="proposed spec"))
+            built = ModelSpec.from_dict({**spec, "num_classes": self.num_classes}, where="proposed spec")
+            self.counted[key] = model_cost(built) if self.count_flops else model_shape(built)
         return self.counted[key]
 
 
@@ -100,9 +102,9 @@ class BudgetedOptunaSearch(OptunaSearch):
     keeps (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are turned away it ends
     the search (Searcher.FINISHED) and says why in `exhausted`."""
 
-    def __init__(self, space, *, cost_of: Callable[[dict], ModelCost], budget: Budget = Budget(), **kwargs):
+    def __init__(self, space, *, cost_of: Callable[[dict], ModelShape], budget: Budget = Budget(), **kwargs):
         self._cost_of, self._budget = cost_of, budget
-        self.proposals: list[tuple[float, bool]] = []
+        self.proposals: list[tuple[float | None, bool]] = []  # GFLOPs are None where none were counted
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.exhausted = ""
         self._key_of: dict[str, str] = {}  # Tune trial id -> its model spec's key
@@ -128,13 +130,15 @@ class BudgetedOptunaSearch(OptunaSearch):
             config = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
             cost = self._cost_of(config["spec"])
-            ot_trial.set_user_attr(GFLOPS_ATTR, cost.gflops)
+            gflops = cost.gflops if isinstance(cost, ModelCost) else None
+            if gflops is not None:
+                ot_trial.set_user_attr(GFLOPS_ATTR, gflops)
             ot_trial.set_user_attr(PARAMS_ATTR, cost.params_m)
             constraints = self._budget.constraints(cost)
             for name, over in constraints.items():
                 ot_trial.set_constraint(name, over)
             feasible = all(over <= 0 for over in constraints.values())
-            self.proposals.append((cost.gflops, feasible))
+            self.proposals.append((gflops, feasible))
             # What trains is the configuration, not the parameters: ones that do not change it (alpha and beta at
             # phi 0, a backbone width within one channel rounding) make no new trial.
             key = configuration_key(config, cost.architecture)
@@ -150,10 +154,10 @@ class BudgetedOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(REPEATS_ATTR, number)
                 self._ot_study.tell(ot_trial, values)
                 self.repeats += 1
+        counted = [g for g, _ in self.proposals[-MAX_PROPOSALS:] if g is not None]
+        cheapest = f" (the cheapest {min(counted):.3f} GFLOPs)" if counted else ""
         self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were over the budget ({self._budget.describe()}) "
-                          f"or already trained (the cheapest {min(g for g, _ in self.proposals[-MAX_PROPOSALS:]):.3f} "
-                          f"GFLOPs): "
-                          f"raise the budget, widen the space, or ask for fewer trials")
+                          f"or already trained{cheapest}: raise the budget, widen the space, or ask for fewer trials")
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:

@@ -8,7 +8,7 @@ import torch
 from search.cli import main
 from spaces import PRESETS, preset
 from trainers.backbones import BACKBONE_NAME
-from trainers.cost import model_cost
+from trainers.cost import model_cost, model_shape
 from trainers.model import build_model, effdet_config
 from trainers.spec import ModelSpec
 
@@ -127,3 +127,10 @@ def test_a_spec_is_counted_once_and_an_equal_spec_reuses_the_count():
     after = model_cost.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
     assert model_cost(spec.replace(fpn_channels=64)) is not first
+
+
+def test_the_shape_without_the_count_names_the_same_network_and_parameters():
+    for spec in (SMALL, SMALL.replace(backbone_width=0.505), SMALL.replace(fpn_repeats=2)):
+        shape, cost = model_shape(spec), model_cost(spec)
+        assert (shape.params, shape.architecture) == (cost.params, cost.architecture)
+        assert not hasattr(shape, "gflops")

@@ -589,6 +589,10 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
     outcome, started, study = _search_with_instant_trials(tmp_path, raw)
     assert sorted(spec["fpn_repeats"] for spec in started) == [1, 2, 3]
     assert outcome.finished == 3 and "already trained" in outcome.first_error
+    # With no GFLOPs budget the driver builds each proposal but does not run it to count FLOPs (the trial
+    # reports its GFLOPs): the repeats above were found by the built network alone.
+    assert not any("gflops" in t.user_attrs for t in study.trials)
+    assert all("params_m" in t.user_attrs for t in study.trials)
     repeats = [t for t in study.trials if REPEATS_ATTR in t.user_attrs]
     assert repeats and all(t.state == optuna.trial.TrialState.COMPLETE for t in repeats)
     for trial in repeats:
