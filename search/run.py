@@ -122,7 +122,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage_path,
                     callbacks=[MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs,
-                                                 job.search.max_gflops),
+                                                 job.search.max_gflops, number_of=searcher.optuna_number),
                                ProgressPrinter(job.search.trials, job.train.epochs), *callbacks],
                     # A one-worker trial trains in Tune's trial and resumes from Tune's checkpoints; several
                     # workers are restarted by their TorchTrainer instead, from Train's.
@@ -163,7 +163,8 @@ def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOp
     """How many proposals were turned away (over budget, or repeats), on the parent run and the console."""
     if searcher.repeats:
         client.log_metric(parent_id, "repeated_proposals", searcher.repeats)
-        say(f"search: {searcher.repeats} proposals repeated a trained configuration and reused its results")
+        said = "1 proposal" if searcher.repeats == 1 else f"{searcher.repeats} proposals"
+        say(f"search: {said} repeated a trained configuration and reused its results")
     if searcher.exhausted:
         say(f"search ended early: {searcher.exhausted}")
     infeasible = sum(not ok for _, ok in searcher.proposals)

@@ -174,6 +174,11 @@ class BudgetedOptunaSearch(OptunaSearch):
         if ot_trial is not None and trial_id in self._key_of and values and None not in values:
             self._trained[self._key_of[trial_id]] = (values, ot_trial.number)
 
+    def optuna_number(self, trial_id: str) -> Optional[int]:
+        """The Optuna trial number of a Tune trial this searcher proposed, while it runs."""
+        ot_trial = self._ot_trials.get(trial_id)
+        return ot_trial.number if ot_trial is not None else None
+
     def feasible_share(self) -> tuple[float, float] | None:
         """The share of feasible proposals in the first and the second half of the search."""
         if len(self.proposals) < 2:

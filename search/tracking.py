@@ -14,6 +14,7 @@ from search.states import FAILED, STATE_TAG
 STORE_VARIABLE = "EFFSEARCH_STORE"
 DEFAULT_STORE = Path(os.environ.get(STORE_VARIABLE) or ".effsearch").expanduser()
 TRIAL_ID_TAG = "effsearch.trial_id"
+OPTUNA_NUMBER_TAG = "effsearch.optuna_number"  # the Optuna trial number of a trial's run
 FULL_BUDGET_TAG = "effsearch.full_budget"  # "true" only when the trial ran every epoch it was given
 FRONTIER_TAG = "frontier"
 PARENT_TAG = "mlflow.parentRunId"

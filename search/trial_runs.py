@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -12,7 +13,7 @@ from search.frontier import record_frontier
 from search.logged_model import log_model
 from search.states import COMPLETE, FAILED, FULL_BUDGET_KEY, PRUNED, STATE_TAG
 from search.trainable import CHECKPOINT_PATH_KEY
-from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, PARENT_TAG, TRIAL_ID_TAG
+from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, OPTUNA_NUMBER_TAG, PARENT_TAG, TRIAL_ID_TAG
 
 # Per-epoch metrics worth a curve in the UI. Accuracy keys arrive only in epochs that were evaluated.
 EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
@@ -25,34 +26,49 @@ class MlflowTrialLogger(Callback):
     """Writes every trial as a child run of the search's parent run; the Tune driver is the only writer."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, total_epochs: int,
-                 max_gflops: float | None = None):
+                 max_gflops: float | None = None, number_of: Callable[[str], int | None] = lambda _: None):
         self.client = client
+        self.number_of = number_of  # Tune trial id -> its Optuna trial number (the searcher knows it)
         self.max_gflops = max_gflops
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.total_epochs = total_epochs
-        self.run_ids: dict[str, str] = {}
+        self.run_ids: dict[str, str] = {}  # Tune trial id -> its run
+        self._read = False
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment, and a resumed search (--resume) unpickles this logger
+        # from then: it must read the runs again, or every trial recorded since would get a second run.
+        return {**self.__dict__, "run_ids": {}, "_read": False}
+
+    def _read_runs(self) -> None:
+        """The runs this search has recorded, read once (not queried at every trial start): a trial recorded
+        before a resume keeps its run."""
+        self.run_ids.update({run.data.tags[TRIAL_ID_TAG]: run.info.run_id
+                             for run in self._children() if TRIAL_ID_TAG in run.data.tags})
+        self._read = True
+
+    def _children(self):
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
 
     def _run_for(self, trial) -> str:
+        if not self._read:
+            self._read_runs()
         if trial.trial_id not in self.run_ids:
-            # A resumed search (--resume) restarts this logger with no memory: a trial it recorded before keeps
-            # its run rather than getting a second one.
-            found = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and "
-                                                    f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'", max_results=1)
-            if found:
-                self.run_ids[trial.trial_id] = found[0].info.run_id
-                return found[0].info.run_id
             run = self.client.create_run(
-                self.experiment_id, run_name=f"trial-{trial.trial_id}",
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id})
-            # The model spec's fields by name, and training settings the space searched as train.KEY.
-            params = {**trial.config.get("spec", {}),
-                      **{f"train.{key}": value for key, value in trial.config.get("train", {}).items()}}
-            # One batch, not a write per parameter: Tune runs this before the trial starts, and at 128 trials at
-            # once the per-parameter writes held the first wave's starts back for a minute (benchmarks/scale_sim.py).
+                self.experiment_id, run_name=run_name(self.number_of(trial.trial_id), trial.trial_id, trial.config),
+                tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id,
+                      **({OPTUNA_NUMBER_TAG: str(number)} if (number := self.number_of(trial.trial_id)) is not None
+                         else {})})
             self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(key, str(value))
-                                                           for key, value in params.items()])
+                                                           for key, value in trial_params(trial.config).items()])
             self.run_ids[trial.trial_id] = run.info.run_id
         return self.run_ids[trial.trial_id]
 
@@ -110,3 +126,26 @@ def error_summary(trial) -> str:
     return ""
 
 
+def trial_params(config: dict) -> dict:
+    """A trial's MLflow params: the model spec's fields by name, the training settings the space searched as
+    train.KEY, and the sampler's own values (phi, alpha, ...) as search.KEY, so that the UI compares runs by
+    the knobs that were searched. One batch, not a write per parameter: Tune logs them before the trial starts,
+    and at 128 trials at once the per-parameter writes held the first wave back a minute (benchmarks/scale_sim.py)."""
+    searched = {k: v for k, v in config.items() if k not in ("spec", "train") and not isinstance(v, dict)}
+    return {**config.get("spec", {}), **{f"train.{k}": v for k, v in config.get("train", {}).items()},
+            **{f"search.{k}": v for k, v in searched.items()}}
+
+
+def run_name(number: int | None, trial_id: str, config: dict) -> str:
+    """A name to read in the UI's run list: the trial's Optuna number (else its Tune id: after --resume, Tune
+    unpickles this logger with the searcher as it was at the start, which knows no newer trial), phi where the
+    space has one, and the network's size (input, backbone width and depth, BiFPN width x repeats), e.g.
+    t007-phi0.5-r384-w0.80d0.90-f88x4."""
+    spec = config.get("spec", {})
+    parts = [f"t{number:03d}" if number is not None else trial_id]
+    if "phi" in config:
+        parts.append(f"phi{config['phi']:g}")
+    if spec:
+        parts.append(f"r{spec.get('image_size')}-w{float(spec.get('backbone_width', 0)):.2f}"
+                     f"d{float(spec.get('backbone_depth', 0)):.2f}-f{spec.get('fpn_channels')}x{spec.get('fpn_repeats')}")
+    return "-".join(parts)

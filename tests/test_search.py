@@ -45,6 +45,16 @@ def test_every_trial_is_a_child_run(searched):
     outcome, client, job = searched
     children = _children(client, outcome)
     assert len(children) == job.search.trials
+    # Readable names (the trial's number, phi, the network's size), and the sampler's own values as search.KEY.
+    names = sorted(run.info.run_name for run in children)
+    assert len(set(names)) == len(names), names
+    for run in children:
+        params = run.data.params
+        phi = params["search.phi"]
+        assert re.fullmatch(rf"t\d{{3}}-phi{float(phi):g}-r{params['image_size']}-w\d\.\d\dd\d\.\d\d-"
+                            rf"f{params['fpn_channels']}x{params['fpn_repeats']}", run.info.run_name), run.info.run_name
+        assert params["search.fpn_channels"] == params["fpn_channels"]
+        assert run.info.run_name.startswith(f"t{int(run.data.tags['effsearch.optuna_number']):03d}-")
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["search.trials"] == "3"
