@@ -6,6 +6,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,36 +27,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _reset_auth_tokens() -> None:
+    """Ray caches the token it authenticates with: read it again where the environment now says."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
+
+
 @pytest.fixture(scope="module")
 def jobs_api():
     """A head with its dashboard (the Jobs API) and no CPU to give, and two worker nodes of 2 CPUs. The nodes find
     this project's Python first on PATH, as a cluster built from cluster.yaml does."""
     import ray
 
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must fit 107 characters
-        patch.setenv("RAY_TMPDIR", folder)
-        patch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        patch.delenv("RAY_ADDRESS", raising=False)
-        # The cluster's own home: a submission's default driver store (~/.effsearch on the head) lands here.
-        patch.setenv("HOME", tempfile.mkdtemp(prefix="home", dir=folder))
-        port = _free_port()
-        # Every node's dashboard agent would listen on 52365: the head's must get a port (the Jobs API submits
-        # through it), and another Ray on this machine may hold that one.
-        cluster = start_cluster(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                                dashboard_agent_listen_port=_free_port())
-        try:
-            for _ in range(2):
-                # Each node its own temp folder, as on separate machines: nodes that share one unpack the job's
-                # packages over each other, and the driver's working folder vanished under it (seen here).
-                cluster.add_node(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="r", dir=folder),
-                                 dashboard_agent_listen_port=_free_port())
-            cluster.wait_for_nodes()
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            folder = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must fit 107 characters
+            patch.setenv("RAY_TMPDIR", folder)
+            patch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+            patch.delenv("RAY_ADDRESS", raising=False)
+            # The cluster's own home: a submission's default driver store (~/.effsearch on the head) lands here.
+            home = Path(tempfile.mkdtemp(prefix="home", dir=folder))
+            patch.setenv("HOME", str(home))
+            # Token authentication, as Ray sets up for a new cluster, with the token in the cluster's home. An
+            # earlier test's local ray.init() leaves RAY_AUTH_MODE=token in this process, and then the head's GCS
+            # found no token under this home and aborted (CI, twice); alone, the module ran without auth.
+            patch.setenv("RAY_AUTH_MODE", "token")
+            patch.delenv("RAY_AUTH_TOKEN", raising=False)
+            patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+            (home / ".ray").mkdir()
+            (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+            _reset_auth_tokens()
+            port = _free_port()
+            # Every node's dashboard agent would listen on 52365: the head's must get a port (the Jobs API submits
+            # through it), and another Ray on this machine may hold that one.
+            cluster = start_cluster(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
+                                    dashboard_port=port, dashboard_agent_listen_port=_free_port())
+            try:
+                for _ in range(2):
+                    # Each node its own temp folder, as on separate machines: nodes that share one unpack the
+                    # job's packages over each other, and the driver's working folder vanished under it (seen).
+                    cluster.add_node(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="r", dir=folder),
+                                     dashboard_agent_listen_port=_free_port())
+                cluster.wait_for_nodes()
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        _reset_auth_tokens()  # later tests' Ray reads its own token again, not this cluster's
 
 
 def _job_file(tmp_path, shapes, name, **train) -> Path:
