@@ -62,11 +62,12 @@ class MlflowTrialLogger(Callback):
         if not self._read:
             self._read_runs()
         if trial.trial_id not in self.run_ids:
-            run = self.client.create_run(
-                self.experiment_id, run_name=run_name(self.number_of(trial.trial_id), trial.trial_id, trial.config),
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id,
-                      **({OPTUNA_NUMBER_TAG: str(number)} if (number := self.number_of(trial.trial_id)) is not None
-                         else {})})
+            number = self.number_of(trial.trial_id)
+            tags = {PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id}
+            if number is not None:
+                tags[OPTUNA_NUMBER_TAG] = str(number)
+            run = self.client.create_run(self.experiment_id, run_name=run_name(number, trial.trial_id, trial.config),
+                                         tags=tags)
             self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(key, str(value))
                                                            for key, value in trial_params(trial.config).items()])
             self.run_ids[trial.trial_id] = run.info.run_id
