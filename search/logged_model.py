@@ -15,7 +15,8 @@ def log_model(run_id: str, checkpoint_dir: str) -> None:
     """Log the trained network as an MLflow pt2 model (torch.export: loading it runs no pickled code).
 
     The raw EfficientDet exports; effdet's NMS does not, so the spec travels beside the graph as spec.json
-    and prediction rebuilds anchors and post-processing from it.
+    and prediction rebuilds anchors and post-processing from it. categories.json (the dataset's category
+    ids in label order) travels too, where the checkpoint has it.
     """
     import mlflow
     import mlflow.pytorch
@@ -23,9 +24,11 @@ def log_model(run_id: str, checkpoint_dir: str) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from trainers.checkpoint import SPEC_FILE, load_model
+    from trainers.checkpoint import CATEGORIES_FILE, SPEC_FILE, load_model
 
     model, spec = load_model(checkpoint_dir)
+    extra_files = [str(p) for p in (Path(checkpoint_dir) / SPEC_FILE, Path(checkpoint_dir) / CATEGORIES_FILE)
+                   if p.is_file()]
     shape = (3, spec.image_size, spec.image_size)
     # A batch of 2 in the example makes torch.export keep the batch dimension dynamic.
     example = np.zeros((2, *shape), dtype=np.float32)
@@ -38,7 +41,7 @@ def log_model(run_id: str, checkpoint_dir: str) -> None:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 model, name="model", signature=signature, input_example=example,
-                pip_requirements=MODEL_PIP_REQUIREMENTS, extra_files=[str(Path(checkpoint_dir) / SPEC_FILE)])
+                pip_requirements=MODEL_PIP_REQUIREMENTS, extra_files=extra_files)
     finally:
         quiet.setLevel(level)
     MlflowClient().set_tag(run_id, MODEL_URI_TAG, info.model_uri)

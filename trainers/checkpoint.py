@@ -7,10 +7,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainers.annotations import SplitIndex
 from trainers.model import build_model
 from trainers.spec import ModelSpec
 
 SPEC_FILE = "spec.json"
+# The dataset's category ids in label order (label 1 is the first): predictions name the user's own ids.
+CATEGORIES_FILE = "categories.json"
 MODEL_FILE = "model.json"  # names the weights file to deploy: the better-scoring of raw and EMA
 RAW_WEIGHTS = "raw.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
@@ -18,13 +21,18 @@ STATE_FILE = "trainer_state.pt"
 
 
 def save_checkpoint(folder: str | Path, *, spec: ModelSpec, model: torch.nn.Module, ema_model, deploy: str,
-                    state: dict) -> None:
-    """Write everything a resumed run needs. state holds optimizer/schedule/scaler state dicts, epoch, ..."""
+                    state: dict, categories: list[dict] | None = None) -> None:
+    """Write everything a resumed run needs. state holds optimizer/schedule/scaler state dicts, epoch, ...
+
+    categories: [{"id", "name"}] in label order, written beside the spec for prediction.
+    """
     folder = Path(folder)
     _save_weights(model, folder / RAW_WEIGHTS)
     if ema_model is not None:
         _save_weights(ema_model, folder / EMA_WEIGHTS)
     (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    if categories is not None:
+        (folder / CATEGORIES_FILE).write_text(json.dumps(categories, indent=2))
     weights = EMA_WEIGHTS if deploy == "ema" and ema_model is not None else RAW_WEIGHTS
     (folder / MODEL_FILE).write_text(json.dumps({"weights": weights, "epoch": state["epoch"]}))
     torch.save({**state, "rng": torch.get_rng_state()}, folder / STATE_FILE)
@@ -57,3 +65,8 @@ def load_model(folder: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def categories_of(split: SplitIndex) -> list[dict]:
+    """A SplitIndex's categories in label order, as categories.json holds them."""
+    return [{"id": int(c), "name": n} for c, n in zip(split.category_ids, split.category_names)]

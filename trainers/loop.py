@@ -12,7 +12,7 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
 from trainers.annotations import SplitIndex, TrainingData
-from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.checkpoint import categories_of, load_checkpoint, save_checkpoint
 from trainers.cost import latency_ms, model_cost
 from trainers.data import CocoDetection, Collate, EpochSampler, to_model_input
 from trainers.evaluate import CocoEvaluator, evaluate_all
@@ -179,7 +179,8 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, spec=spec, model=model, ema_model=ema and ema.module, deploy=deploy, state={
                 "epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "accuracy": accuracy, "deploy": deploy})
+                "scaler": scaler.state_dict(), "accuracy": accuracy, "deploy": deploy},
+                categories=categories_of(plan.data.train))
             report(metrics, folder)
     return metrics
 
