@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.job import JobError
     from search.ray_runtime import RayUnreachable
     from trainers.data import DataError
+    from trainers.predict import PredictError
     from trainers.typed import ConfigError
 
     # MLflow logs store migrations and registrations at INFO (set on import); the CLI prints its own summary.
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args) or 0
-    except (UsageError, JobError, ConfigError, DataError, FrontierError, ClusterError) as err:
+    except (UsageError, JobError, ConfigError, DataError, FrontierError, ClusterError, PredictError) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 2
     except (SearchFailed, RayUnreachable) as err:
@@ -112,6 +113,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gflops", type=float, required=True, help="FLOPs budget, billions of multiply-adds")
     p.add_argument("--model-name", help="registered model name (default: the experiment name)")
     p.set_defaults(func=_promote)
+
+    p = sub.add_parser("predict", help="detect objects in images with a logged model; writes COCO detections",
+                       description="Detect objects with an MLflow model (models:/NAME@production, runs:/ID/model or "
+                       "a local path); boxes are in each image's own pixels, with the dataset's category ids.")
+    p.add_argument("model_uri", help="models:/NAME@production, runs:/RUN_ID/model, or a local model folder")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument("--out", type=Path, default=Path("detections.json"),
+                   help="COCO results JSON to write (default: detections.json)")
+    p.add_argument("--draw", type=Path, metavar="DIR", help="also write copies of the images with their boxes here")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="keep detections scoring at least this (default 0.3; 0 keeps effdet's top 100 per image)")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("describe", help="parameters, GFLOPs and input size of a preset (d0..d7x) or a spec file")
     p.add_argument("model", help="a preset name (d0..d7x) or a spec YAML/JSON file")
@@ -249,6 +262,20 @@ def _frontier(args) -> int:
 
 def _promote(args) -> int:
     _promote_and_report(args.experiment, args.max_gflops, args.model_name)
+    return 0
+
+
+def _predict(args) -> int:
+    import mlflow
+
+    from search.predict import predict
+    from search.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())  # models:/ and runs:/ resolve against the effsearch store
+    done = predict(args.model_uri, args.images, args.out, draw_dir=args.draw, score_threshold=args.score_threshold)
+    drawn = f"; drawn copies in {done.drawn}" if done.drawn else ""
+    print(f"{done.detections} detections in {done.images} images (score >= {args.score_threshold:g}) "
+          f"written to {done.out}{drawn}")
     return 0
 
 

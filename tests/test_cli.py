@@ -13,7 +13,7 @@ import pytest
 
 from search.cli import main
 
-COMMANDS = ["demo", "search", "submit", "jobs", "frontier", "promote", "describe", "make-shapes", "ui"]
+COMMANDS = ["demo", "search", "submit", "jobs", "frontier", "promote", "predict", "describe", "make-shapes", "ui"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
