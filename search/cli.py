@@ -108,9 +108,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_frontier)
 
-    p = sub.add_parser("promote", help="register the best frontier model under a FLOPs budget as production")
+    p = sub.add_parser("promote", help="register the best frontier model within a budget as production",
+                       description="Register the highest-AP frontier run within the budgets (or --run-id) as the "
+                       "production version; the version it replaces becomes 'previous'. Running it again changes "
+                       "nothing.")
     p.add_argument("experiment", help="experiment name (the job's name)")
-    p.add_argument("--max-gflops", type=float, required=True, help="FLOPs budget, billions of multiply-adds")
+    p.add_argument("--max-gflops", type=float, help="FLOPs budget, billions of multiply-adds per image")
+    p.add_argument("--max-params-m", type=float, help="parameter budget, millions")
+    p.add_argument("--run-id", help="promote this trial run instead of choosing one")
+    p.add_argument("--force", action="store_true", help="with --run-id: promote a complete run off the frontier")
+    p.add_argument("--rollback", action="store_true", help="swap production and previous back")
     p.add_argument("--model-name", help="registered model name (default: the experiment name)")
     p.set_defaults(func=_promote)
 
@@ -125,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.3,
                    help="keep detections scoring at least this (default 0.3; 0 keeps effdet's top 100 per image)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("gc", help="delete the logged models of runs off the frontier (dry run by default)")
+    p.add_argument("experiment", help="experiment name (the job's name)")
+    p.add_argument("--delete", action="store_true", help="delete them; without it, only list them")
+    p.set_defaults(func=_gc)
 
     p = sub.add_parser("describe", help="parameters, GFLOPs and input size of a preset (d0..d7x) or a spec file")
     p.add_argument("model", help="a preset name (d0..d7x) or a spec YAML/JSON file")
@@ -154,7 +166,7 @@ def _demo(args) -> int:
     print(f"job file: {job_file}")
     outcome = _run_and_report(job)
     budget = max(DEMO_PROMOTE_GFLOPS, min(p.gflops for p in outcome.frontier))
-    _promote_and_report(job.name, budget, job.registered_model_name)
+    _promote_and_report(job.name, model_name=job.registered_model_name, max_gflops=budget)
     _ui_hint()
     return 0
 
@@ -191,7 +203,7 @@ def _run_and_report(job, address=None, **continuation):
     return outcome
 
 
-def _promote_and_report(experiment: str, max_gflops: float, model_name: str | None):
+def _promote_and_report(experiment: str, **choice):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -200,12 +212,19 @@ def _promote_and_report(experiment: str, max_gflops: float, model_name: str | No
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    promotion = promote(MlflowClient(uri), experiment, max_gflops, model_name)
-    print(f"\npromoted run {promotion.run_id} (AP {promotion.map:.3f}, {promotion.gflops:.3f} GFLOPs, "
-          f"budget {max_gflops:g}) as version {promotion.version}")
+    promotion = promote(MlflowClient(uri), experiment, **choice)
+    if not promotion.changed:
+        print(f"\nrun {promotion.run_name} ({promotion.run_id}) is already production, as version "
+              f"{promotion.version}: nothing changed")
+        return promotion
+    budget = ", ".join(f"{key.removeprefix('max_')} <= {value:g}" for key, value in choice.items()
+                       if key.startswith("max_") and value is not None)
+    print(f"\npromoted run {promotion.run_name} ({promotion.run_id}): AP {promotion.map:.3f}, "
+          f"{promotion.gflops:.3f} GFLOPs{f' (budget {budget})' if budget else ''}, as version {promotion.version}")
     print(f"production model: {promotion.uri}")
     if promotion.previous_version:
-        print(f"previous production version {promotion.previous_version} is kept as alias 'previous'")
+        print(f"version {promotion.previous_version} is now 'previous': effsearch promote {experiment} --rollback "
+              f"restores it")
     return promotion
 
 
@@ -248,20 +267,26 @@ def _jobs(args) -> int:
 def _frontier(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    from search.frontier import compute_frontier, experiment_id_for, finished_trials, format_table
+    from search.frontier import experiment_frontier, experiment_id_for, format_table
     from search.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
-    front = compute_frontier(finished_trials(client, experiment_id_for(client, args.experiment)))
+    found = experiment_frontier(client, experiment_id_for(client, args.experiment))
     if args.json:
-        print(json.dumps([p.as_dict() for p in front], indent=2))
+        print(json.dumps([p.as_dict() for p in found.front], indent=2))
     else:
-        print(format_table(front))
+        print(f"{args.experiment}: {found.describe()}")
+        print(format_table(found.front))
     return 0
 
 
 def _promote(args) -> int:
-    _promote_and_report(args.experiment, args.max_gflops, args.model_name)
+    if args.rollback:
+        return _rollback(args)
+    if args.force and not args.run_id:
+        raise UsageError("promote --force needs --run-id: it promotes a chosen run that is off the frontier")
+    _promote_and_report(args.experiment, max_gflops=args.max_gflops, max_params_m=args.max_params_m,
+                        run_id=args.run_id, force=args.force, model_name=args.model_name)
     return 0
 
 
@@ -276,6 +301,41 @@ def _predict(args) -> int:
     drawn = f"; drawn copies in {done.drawn}" if done.drawn else ""
     print(f"{done.detections} detections in {done.images} images (score >= {args.score_threshold:g}) "
           f"written to {done.out}{drawn}")
+    return 0
+
+
+def _rollback(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from search.promote import rollback
+    from search.tracking import tracking_uri
+
+    if args.run_id or args.max_gflops is not None or args.max_params_m is not None or args.force:
+        raise UsageError("promote --rollback takes no --run-id, --max-gflops, --max-params-m or --force")
+    name = args.model_name or args.experiment
+    back = rollback(MlflowClient(tracking_uri()), name)
+    print(f"rolled back {name}: production is version {back.version} again ({back.run_name}, AP {back.map:.3f}, "
+          f"{back.gflops:.3f} GFLOPs); version {back.previous_version} is now 'previous'")
+    return 0
+
+
+def _gc(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from search.model_gc import collectable, delete_models
+    from search.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    runs = collectable(client, args.experiment)
+    for run in runs:
+        print(f"{'deleting' if args.delete else 'would delete'} the model of {run.run_name} ({run.run_id}): "
+              f"{run.model_uri}")
+    if args.delete:
+        delete_models(client, runs)
+        print(f"deleted {len(runs)} models; the runs, their metrics and params stay")
+    else:
+        print(f"{len(runs)} models of runs off the frontier and never registered"
+              + ("; run again with --delete to delete them" if runs else ""))
     return 0
 
 
@@ -320,6 +380,7 @@ def _make_shapes(args) -> int:
 def _ui(args) -> int:
     from search.tracking import tracking_uri
 
+    _check_port_free(args.host, args.port)
     uri = tracking_uri()
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)")
     # One server process: uvicorn's supervisor kills a worker that has not answered its health check within
@@ -330,6 +391,21 @@ def _ui(args) -> int:
         return subprocess.call(command)
     except KeyboardInterrupt:
         return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Uvicorn would print a traceback for a port in use; say it in one line, before starting it."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UsageError(f"port {port} on {host} is taken (another MLflow UI?): choose another with "
+                                 f"--port N, or open the one running") from None
+            raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 def _ui_hint() -> None:

@@ -1,27 +1,33 @@
-"""The frontier of an experiment's finished, full-budget trials: tags, table, plot and CSV/HTML artifacts."""
+"""The frontier of complete trials that may be compared (same data, same epoch budget): tags, table and artifacts."""
 from __future__ import annotations
 
-import csv
-import html
-import io
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from search.lineage import Comparable
 from search.pareto import hypervolume, pareto_front
-from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG
+from search.states import COMPLETE, STATE_TAG
+from search.tracking import ENQUEUED_TAG, ERROR_TAG, FRONTIER_TAG, PARENT_TAG, REASON_TAG
+
+SEARCH_KIND_FILTER = "tags.`effsearch.kind` = 'search'"
 
 
 @dataclass(frozen=True)
 class TrialPoint:
     run_id: str
     run_name: str
-    map: float
+    map: float  # nan where the trial reported none (infeasible, or failed before its first evaluation)
     map50: float
-    gflops: float
+    gflops: float  # nan where not counted
     params_m: float
+    state: str = COMPLETE
+    enqueued: str = ""  # the search.enqueue entry it is (rule:1, d0), if any
+    reason: str = ""  # why it did not complete
+    parent_run_id: str = ""  # its search
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -31,19 +37,37 @@ class FrontierError(LookupError):
     pass
 
 
-def finished_trials(client: MlflowClient, experiment_id: str) -> list[TrialPoint]:
-    """Child runs that finished every epoch: only full-budget results may reach the frontier."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{FULL_BUDGET_TAG}` = 'true' and attributes.status = 'FINISHED'",
-        max_results=10_000)
-    points = []
-    for run in runs:
-        m = run.data.metrics
-        if "map" in m and "gflops" in m:
-            points.append(TrialPoint(run.info.run_id, run.info.run_name, m["map"], m.get("map50", 0.0),
-                                     m["gflops"], m.get("params_m", 0.0)))
-    return points
+def _point(run) -> TrialPoint:
+    m, tags = run.data.metrics, run.data.tags
+    return TrialPoint(run.info.run_id, run.info.run_name, m.get("map", math.nan), m.get("map50", math.nan),
+                      m.get("gflops", math.nan), m.get("params_m", math.nan), tags.get(STATE_TAG, ""),
+                      tags.get(ENQUEUED_TAG, ""), tags.get(REASON_TAG) or tags.get(ERROR_TAG, ""), tags.get(PARENT_TAG, ""))
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str, order_by=None):
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token,
+                                  order_by=order_by)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def complete_trials(client: MlflowClient, experiment_id: str, among: Comparable | None = None) -> list[TrialPoint]:
+    """Trial runs that trained every epoch and logged their model: the only ones a frontier is made of. With
+    `among`, only those of that data and epoch budget."""
+    where = f"tags.`{STATE_TAG}` = '{COMPLETE}' and attributes.status = 'FINISHED'"
+    if among is not None:
+        where += f" and {among.filter()}"
+    points = [_point(run) for run in _search(client, experiment_id, where)]
+    return [p for p in points if not math.isnan(p.map) and not math.isnan(p.gflops)]
+
+
+def search_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[TrialPoint]:
+    """Every trial run of one search, in any state."""
+    return [_point(run) for run in _search(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")]
 
 
 def experiment_id_for(client: MlflowClient, name: str) -> str:
@@ -58,6 +82,44 @@ def compute_frontier(points: list[TrialPoint]) -> list[TrialPoint]:
     return [points[i] for i in pareto_front([(p.map, p.gflops) for p in points])]
 
 
+@dataclass(frozen=True)
+class ExperimentFrontier:
+    """The experiment-wide frontier: over the complete runs of one data and epoch budget, by default those of the
+    latest search."""
+
+    among: Comparable | None
+    compared: list[TrialPoint]
+    front: list[TrialPoint]
+    searches: int  # how many searches the compared runs came from
+    left_out: int  # complete runs of other data or epoch budgets
+
+    def describe(self) -> str:
+        where = self.among.describe() if self.among else "runs recorded before data hashes"
+        text = (f"compared {len(self.compared)} complete runs of {self.searches} search"
+                f"{'es' if self.searches != 1 else ''} ({where})")
+        if self.left_out:
+            text += f"; {self.left_out} complete runs of other data or epoch budgets are not compared"
+        return text
+
+
+def latest_comparable(client: MlflowClient, experiment_id: str) -> Comparable | None:
+    """The data and epoch budget of the experiment's most recent search."""
+    for run in _search(client, experiment_id, SEARCH_KIND_FILTER, order_by=["attributes.start_time DESC"]):
+        found = Comparable.from_tags(run.data.tags)
+        if found is not None:
+            return found
+    return None
+
+
+def experiment_frontier(client: MlflowClient, experiment_id: str, among: Comparable | None = None
+                        ) -> ExperimentFrontier:
+    among = among or latest_comparable(client, experiment_id)
+    every = complete_trials(client, experiment_id)
+    compared = complete_trials(client, experiment_id, among) if among else every
+    searches = len({p.parent_run_id for p in compared})
+    return ExperimentFrontier(among, compared, compute_frontier(compared), searches, len(every) - len(compared))
+
+
 # The hypervolume's reference point is (AP 0, REFERENCE_GFLOPS): the search's max_gflops when it has one, else
 # this factor times the costliest finished trial (then logged beside it, since it moves as trials finish).
 REFERENCE_SLACK = 1.1
@@ -67,76 +129,39 @@ def reference_gflops(points: list[TrialPoint], max_gflops: float | None) -> floa
     return max_gflops if max_gflops else REFERENCE_SLACK * max((p.gflops for p in points), default=0.0)
 
 
-def record_frontier(client: MlflowClient, experiment_id: str, parent_run_id: str | None,
+def record_frontier(client: MlflowClient, experiment_id: str, parent_run_id: str, among: Comparable | None,
                     max_gflops: float | None = None) -> list[TrialPoint]:
-    """Tag frontier=true/false on every finished trial, and on the parent run attach the frontier artifacts and
-    log the frontier's size, best AP and hypervolume, at a step that counts the finished trials."""
-    points = finished_trials(client, experiment_id)
-    front = compute_frontier(points)
-    on_front = {p.run_id for p in front}
-    for p in points:
-        client.set_tag(p.run_id, FRONTIER_TAG, "true" if p.run_id in on_front else "false")
-    if parent_run_id:
-        with tempfile.TemporaryDirectory() as folder:
-            folder = Path(folder)
-            (folder / "frontier.csv").write_text(frontier_csv(points, on_front))
-            (folder / "frontier.html").write_text(frontier_html(points, front))
-            plot_frontier(points, front, folder / "frontier.png")
-            for name in ("frontier.csv", "frontier.html", "frontier.png"):
-                client.log_artifact(parent_run_id, str(folder / name))
-        if front:
-            step, reference = len(points), reference_gflops(points, max_gflops)
-            client.log_metric(parent_run_id, "frontier_size", len(front), step=step)
-            client.log_metric(parent_run_id, "best_map", max(p.map for p in front), step=step)
-            client.log_metric(parent_run_id, "hypervolume",
-                              hypervolume([(p.map, p.gflops) for p in front], (0.0, reference)), step=step)
-            client.log_metric(parent_run_id, "hypervolume_reference_gflops", reference, step=step)
+    """Tag frontier=true/false on the complete runs comparable with this search (any search of the experiment on
+    the same data and epoch budget), and attach this search's own artifacts (its trials in every state, and its
+    own frontier) and metrics to its parent run. Returns the search's own frontier."""
+    group = complete_trials(client, experiment_id, among) if among else []
+    on_group_front = {p.run_id for p in compute_frontier(group)}
+    for p in group:
+        client.set_tag(p.run_id, FRONTIER_TAG, "true" if p.run_id in on_group_front else "false")
+    trials = search_trials(client, experiment_id, parent_run_id)
+    complete = [p for p in trials if p.state == COMPLETE and not math.isnan(p.map) and not math.isnan(p.gflops)]
+    front = compute_frontier(complete)
+    from search.frontier_artifacts import write_artifacts  # matplotlib and plotly, only when drawing
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_artifacts(Path(folder), trials, front, experiment_id,
+                                title=f"{client.get_run(parent_run_id).info.run_name}"
+                                      f"{' (' + among.describe() + ')' if among else ''}")
+        for path in paths:
+            client.log_artifact(parent_run_id, str(path))
+    if front:
+        step, reference = len(complete), reference_gflops(complete, max_gflops)
+        client.log_metric(parent_run_id, "frontier_size", len(front), step=step)
+        client.log_metric(parent_run_id, "best_map", max(p.map for p in front), step=step)
+        client.log_metric(parent_run_id, "hypervolume",
+                          hypervolume([(p.map, p.gflops) for p in front], (0.0, reference)), step=step)
+        client.log_metric(parent_run_id, "hypervolume_reference_gflops", reference, step=step)
     return front
 
 
-def frontier_csv(points: list[TrialPoint], on_front: set[str]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["run_id", "run_name", "map", "map50", "gflops", "params_m", "frontier"])
-    for p in sorted(points, key=lambda p: p.gflops):
-        writer.writerow([p.run_id, p.run_name, f"{p.map:.4f}", f"{p.map50:.4f}", f"{p.gflops:.4f}",
-                         f"{p.params_m:.3f}", str(p.run_id in on_front).lower()])
-    return out.getvalue()
-
-
-def frontier_html(points: list[TrialPoint], front: list[TrialPoint]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(p.run_name)}</td><td><code>{p.run_id}</code></td><td>{p.map:.3f}</td>"
-        f"<td>{p.gflops:.3f}</td><td>{p.params_m:.2f}</td></tr>" for p in front)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>effsearch frontier</title></head><body>"
-        f"<h1>Accuracy vs FLOPs frontier</h1><p>{len(front)} of {len(points)} finished trials are on the frontier."
-        "</p><img src='frontier.png' alt='frontier plot'><table border='1' cellpadding='4'>"
-        "<tr><th>run</th><th>run id</th><th>AP</th><th>GFLOPs</th><th>params (M)</th></tr>"
-        f"{rows}</table></body></html>")
-
-
-def plot_frontier(points: list[TrialPoint], front: list[TrialPoint], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.scatter([p.gflops for p in points], [p.map for p in points], c="#999999", label="trials")
-    ordered = sorted(front, key=lambda p: p.gflops)
-    ax.plot([p.gflops for p in ordered], [p.map for p in ordered], "o-", c="#d62728", label="frontier")
-    ax.set_xlabel("GFLOPs (multiply-adds per image)")
-    ax.set_ylabel("COCO AP @[.5:.95]")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def format_table(front: list[TrialPoint]) -> str:
-    lines = [f"{'run':<24} {'run_id':<32} {'AP':>6} {'GFLOPs':>8} {'params M':>8}"]
+    width = max([24] + [len(p.run_name) for p in front])
+    lines = [f"{'run':<{width}} {'run_id':<32} {'AP':>6} {'GFLOPs':>8} {'params M':>8}"]
     for p in sorted(front, key=lambda p: p.gflops):
-        lines.append(f"{p.run_name:<24} {p.run_id:<32} {p.map:>6.3f} {p.gflops:>8.3f} {p.params_m:>8.2f}")
+        lines.append(f"{p.run_name:<{width}} {p.run_id:<32} {p.map:>6.3f} {p.gflops:>8.3f} {p.params_m:>8.2f}")
     return "\n".join(lines)

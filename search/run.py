@@ -17,6 +17,7 @@ from ray import tune
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, record_frontier
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
+from search.lineage import SPLIT_HASH_TAG, Comparable, split_hashes
 from search.progress import ProgressPrinter
 from search.ray_runtime import cluster_address, start_ray, trials_the_cluster_holds
 from search.scheduler import make_scheduler
@@ -70,6 +71,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     client = MlflowClient(uri)
 
     experiment_id = ensure_experiment(client, job.name)
+    hashes = split_hashes({"train": job.data.train.annotations, "val": job.data.val.annotations})
+    comparable = Comparable.of(hashes, job.train.epochs)
     if record is not None:
         parent_id = record.parent_run_id
         client.update_run(parent_id, status="RUNNING")
@@ -85,6 +88,10 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                 client.log_batch(parent_id, params=params[start:start + 100])
             for split, report in reports.items():
                 client.set_tag(parent_id, f"effsearch.data.{split}", report.summary()[:5000])
+            for split, digest in hashes.items():
+                client.set_tag(parent_id, SPLIT_HASH_TAG.format(split=split), digest)
+            for key, value in comparable.tags().items():
+                client.set_tag(parent_id, key, value)
         if warm_start_from and record is None:
             copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space), _budget(job))
             client.set_tag(parent_id, WARM_START_TAG, warm_start_from)
@@ -98,7 +105,12 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             space, cost_of=CostCounter(data.train.num_classes, count_flops=job.search.max_gflops is not None),
             budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
+            enqueued_labels=tuple(_label(entry, index) for index, entry in enumerate(job.search.enqueue)),
             study_name=job.name, storage=journal)
+        logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs, job.search.max_gflops,
+                                   number_of=searcher.optuna_number, comparable=comparable,
+                                   enqueued_of=searcher.enqueued_label, num_classes=data.train.num_classes)
+        searcher.on_infeasible = logger.record_infeasible
         runnable = tune.with_resources(tune.with_parameters(trainable, setup=setup),
                                        trial_resources(job.resources))
         if record is not None:
@@ -121,9 +133,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage_path,
-                    callbacks=[MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs,
-                                                 job.search.max_gflops, number_of=searcher.optuna_number),
-                               ProgressPrinter(job.search.trials, job.train.epochs), *callbacks],
+                    callbacks=[logger, ProgressPrinter(job.search.trials, job.train.epochs), *callbacks],
                     # A one-worker trial trains in Tune's trial and resumes from Tune's checkpoints; several
                     # workers are restarted by their TorchTrainer instead, from Train's.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
@@ -145,7 +155,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         # drawing the frontier fails. (A driver killed outright closes nothing; --resume continues it.)
         try:
             close_open_runs(client, experiment_id, parent_id, children_status)
-            frontier = record_frontier(client, experiment_id, parent_id, job.search.max_gflops)
+            frontier = record_frontier(client, experiment_id, parent_id, comparable, job.search.max_gflops)
         finally:
             client.set_terminated(parent_id, status)
             if status == "FINISHED":  # nothing left to resume
@@ -238,6 +248,11 @@ def _enqueued(job: Job, space) -> list[dict] | None:
     points = [{k: v for k, v in point.items() if k in known}
               for point in enqueued_params(job.search.space, job.search.enqueue, job.search.bounds)]
     return points or None
+
+
+def _label(entry, index: int) -> str:
+    """How a search.enqueue entry is named on its trial's run: as written (rule:1, d0), or by its place."""
+    return entry if isinstance(entry, str) else f"enqueue[{index}]"
 
 
 def _check_fits(job: Job, data: TrainingData, space) -> None:

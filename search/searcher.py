@@ -49,6 +49,16 @@ class Budget:
                                                                ("max_params_m", self.max_params_m)) if value is not None]
         return ", ".join(limits) or "none set"
 
+    def explain(self, cost: ModelShape) -> str:
+        """Why a configuration is over budget, in one line."""
+        over = []
+        gflops = getattr(cost, "gflops", None)
+        if self.max_gflops is not None and gflops is not None and gflops > self.max_gflops:
+            over.append(f"{gflops:.3f} GFLOPs > search.max_gflops {self.max_gflops:g}")
+        if self.max_params_m is not None and cost.params_m > self.max_params_m:
+            over.append(f"{cost.params_m:.3f}M params > search.max_params_m {self.max_params_m:g}")
+        return "over budget: " + "; ".join(over)
+
     def constraints_of(self, gflops: float | None, params_m: float | None) -> dict[str, float]:
         """As constraints(), from recorded figures (a copied trial's user attributes); a figure not recorded
         leaves its constraint out."""
@@ -102,8 +112,13 @@ class BudgetedOptunaSearch(OptunaSearch):
     keeps (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are turned away it ends
     the search (Searcher.FINISHED) and says why in `exhausted`."""
 
-    def __init__(self, space, *, cost_of: Callable[[dict], ModelShape], budget: Budget = Budget(), **kwargs):
+    def __init__(self, space, *, cost_of: Callable[[dict], ModelShape], budget: Budget = Budget(),
+                 enqueued_labels: tuple[str, ...] = (), **kwargs):
         self._cost_of, self._budget = cost_of, budget
+        # search.enqueue's entries (rule:1, d0), one per point of points_to_evaluate, to name the trials they start.
+        self._enqueued = list(zip(enqueued_labels, kwargs.get("points_to_evaluate") or ()))
+        # Told of each over-budget proposal (its Optuna number, config, GFLOPs, params, reason): the run logger.
+        self.on_infeasible: Callable[[int, dict, float | None, float, str], None] | None = None
         self.proposals: list[tuple[float | None, bool]] = []  # GFLOPs are None where none were counted
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.exhausted = ""
@@ -149,6 +164,8 @@ class BudgetedOptunaSearch(OptunaSearch):
             if not feasible:
                 ot_trial.set_user_attr(STATE_TAG, INFEASIBLE)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                if self.on_infeasible is not None:
+                    self.on_infeasible(ot_trial.number, config, gflops, cost.params_m, self._budget.explain(cost))
             else:
                 values, number = self._trained[key]
                 ot_trial.set_user_attr(REPEATS_ATTR, number)
@@ -173,6 +190,16 @@ class BudgetedOptunaSearch(OptunaSearch):
         values = [result.get(metric) for metric in self.metric] if result and not error else []
         if ot_trial is not None and trial_id in self._key_of and values and None not in values:
             self._trained[self._key_of[trial_id]] = (values, ot_trial.number)
+
+    def enqueued_label(self, trial_id: str) -> Optional[str]:
+        """The search.enqueue entry a running Tune trial was proposed from, if it was."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return None
+        for label, point in self._enqueued:
+            if point and all(ot_trial.params.get(key) == value for key, value in point.items()):
+                return label
+        return None
 
     def optuna_number(self, trial_id: str) -> Optional[int]:
         """The Optuna trial number of a Tune trial this searcher proposed, while it runs."""

@@ -19,7 +19,9 @@ FULL_BUDGET_TAG = "effsearch.full_budget"  # "true" only when the trial ran ever
 FRONTIER_TAG = "frontier"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_URI_TAG = "effsearch.model_uri"  # the logged model (models:/m-...) that promotion registers
-ERROR_TAG = "effsearch.error"
+ERROR_TAG = "effsearch.error"  # a failed trial: its error's last line
+REASON_TAG = "effsearch.reason"  # a trial that did not complete (failed, pruned, infeasible): why, in one line
+ENQUEUED_TAG = "effsearch.enqueued"  # a trial that is one of search.enqueue's points: its entry (rule:1, d0)
 WARM_START_TAG = "effsearch.warm_start"  # on a parent run: the job whose complete trials seeded its study
 
 
@@ -40,13 +42,19 @@ def artifact_location(uri: str, experiment_name: str) -> str | None:
     return (db.parent / "artifacts" / experiment_name).resolve().as_uri()
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI view of traces ("Traces 0", the parent run under
+# "Evaluations"); with it, on the training runs, children nested under their search.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
-
-
+    if found is None:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # an experiment made before the tag, or by hand
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def close_open_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> int:

@@ -10,25 +10,37 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from search.frontier import record_frontier
+from search.lineage import Comparable
 from search.logged_model import log_model
-from search.states import COMPLETE, FAILED, FULL_BUDGET_KEY, PRUNED, STATE_TAG
+from search.states import COMPLETE, FAILED, FULL_BUDGET_KEY, INFEASIBLE, PRUNED, STATE_TAG
 from search.trainable import CHECKPOINT_PATH_KEY
-from search.tracking import ERROR_TAG, FULL_BUDGET_TAG, OPTUNA_NUMBER_TAG, PARENT_TAG, TRIAL_ID_TAG
+from search.tracking import (ENQUEUED_TAG, ERROR_TAG, FULL_BUDGET_TAG, OPTUNA_NUMBER_TAG, PARENT_TAG, REASON_TAG,
+                             TRIAL_ID_TAG)
+from trainers.spec import ModelSpec
 
 # Per-epoch metrics worth a curve in the UI. Accuracy keys arrive only in epochs that were evaluated.
 EPOCH_METRICS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "loss", "lr",
                  "epoch_s", "eval_s", "images_per_s", "gflops", "params_m", "latency_ms", "world_size", "train_images",
                  "shard_overlap", "eval_images", "dropped_boxes", "peak_memory_mb", "map_raw", "map_ema",
                  "resumed_from_epoch", "image_cache")
+# The frontier's artifacts are redrawn as trials complete, at most this often (a drawing takes about a second,
+# on the driver's event loop); the search draws them once more when it ends.
+FRONTIER_REFRESH_S = 10.0
 
 
 class MlflowTrialLogger(Callback):
     """Writes every trial as a child run of the search's parent run; the Tune driver is the only writer."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, total_epochs: int,
-                 max_gflops: float | None = None, number_of: Callable[[str], int | None] = lambda _: None):
+                 max_gflops: float | None = None, number_of: Callable[[str], int | None] = lambda _: None,
+                 comparable: Comparable | None = None, enqueued_of: Callable[[str], str | None] = lambda _: None,
+                 num_classes: int | None = None):
         self.client = client
+        self.num_classes = num_classes  # the data's: with it, a run's params are the full ModelSpec
         self.number_of = number_of  # Tune trial id -> its Optuna trial number (the searcher knows it)
+        self.enqueued_of = enqueued_of  # Tune trial id -> the search.enqueue entry it is, if any
+        self.comparable = comparable
+        self._drawn_at = 0.0
         self.max_gflops = max_gflops
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -63,15 +75,36 @@ class MlflowTrialLogger(Callback):
             self._read_runs()
         if trial.trial_id not in self.run_ids:
             number = self.number_of(trial.trial_id)
-            tags = {PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id}
-            if number is not None:
-                tags[OPTUNA_NUMBER_TAG] = str(number)
+            tags = {**self._common_tags(number), TRIAL_ID_TAG: trial.trial_id}
+            enqueued = self.enqueued_of(trial.trial_id)
+            if enqueued:
+                tags[ENQUEUED_TAG] = enqueued
             run = self.client.create_run(self.experiment_id, run_name=run_name(number, trial.trial_id, trial.config),
                                          tags=tags)
             self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(key, str(value))
-                                                           for key, value in trial_params(trial.config).items()])
+                                                           for key, value in trial_params(trial.config, self.num_classes).items()])
             self.run_ids[trial.trial_id] = run.info.run_id
         return self.run_ids[trial.trial_id]
+
+    def _common_tags(self, number: int | None) -> dict[str, str]:
+        tags = {PARENT_TAG: self.parent_run_id, **(self.comparable.tags() if self.comparable else {})}
+        if number is not None:
+            tags[OPTUNA_NUMBER_TAG] = str(number)
+        return tags
+
+    def record_infeasible(self, number: int, config: dict, gflops: float | None, params_m: float,
+                          reason: str) -> None:
+        """A proposal over the budget: never a Ray trial, but a run the UI lists, with its cost and why."""
+        tags = {**self._common_tags(number), STATE_TAG: INFEASIBLE, REASON_TAG: reason[:4000],
+                FULL_BUDGET_TAG: "false"}
+        run = self.client.create_run(self.experiment_id, run_name=run_name(number, "infeasible", config), tags=tags)
+        now = int(time.time() * 1000)
+        metrics = [mlflow.entities.Metric("params_m", float(params_m), now, 0)]
+        if gflops is not None:
+            metrics.append(mlflow.entities.Metric("gflops", float(gflops), now, 0))
+        self.client.log_batch(run.info.run_id, metrics=metrics, params=[
+            mlflow.entities.Param(key, str(value)) for key, value in trial_params(config, self.num_classes).items()])
+        self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
@@ -96,17 +129,24 @@ class MlflowTrialLogger(Callback):
         # A TorchTrainer's trial forwards its checkpoint's path; a one-worker trial reported it to Tune.
         checkpoint_path = result.get(CHECKPOINT_PATH_KEY) or (trial.checkpoint.path if trial.checkpoint else None)
         state = COMPLETE if full else PRUNED  # a trial that returned before its last epoch was stopped early
+        if not full:
+            self.client.set_tag(run_id, REASON_TAG, f"stopped by the scheduler after epoch {int(result.get('epoch', 0))}"
+                                                    f" of {self.total_epochs}")
         if full and checkpoint_path:
             try:
                 log_model(run_id, checkpoint_path)
             except Exception as err:  # the metrics are recorded; a model that fails to log must not lose them
                 self.client.set_tag(run_id, FULL_BUDGET_TAG, "false")
-                self.client.set_tag(run_id, ERROR_TAG, f"logging the model failed: {err}"[:4000])
+                reason = f"logging the model failed: {err}".splitlines()[0][:4000]
+                self.client.set_tag(run_id, ERROR_TAG, reason)
+                self.client.set_tag(run_id, REASON_TAG, reason)
                 state = FAILED
         self.client.set_tag(run_id, STATE_TAG, state)
         self.client.set_terminated(run_id, "FINISHED")
-        if state == COMPLETE:  # the frontier, its artifacts and hypervolume, as each trial joins it
-            record_frontier(self.client, self.experiment_id, self.parent_run_id, self.max_gflops)
+        if state == COMPLETE and time.monotonic() - self._drawn_at >= FRONTIER_REFRESH_S:
+            # The frontier, its artifacts and hypervolume, as trials join it.
+            record_frontier(self.client, self.experiment_id, self.parent_run_id, self.comparable, self.max_gflops)
+            self._drawn_at = time.monotonic()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -114,6 +154,7 @@ class MlflowTrialLogger(Callback):
         reason = error_summary(trial)
         if reason:
             self.client.set_tag(run_id, ERROR_TAG, reason[:4000])
+            self.client.set_tag(run_id, REASON_TAG, reason[:4000])
         self.client.set_tag(run_id, STATE_TAG, FAILED)
         self.client.set_terminated(run_id, "FAILED")
 
@@ -127,13 +168,17 @@ def error_summary(trial) -> str:
     return ""
 
 
-def trial_params(config: dict) -> dict:
-    """A trial's MLflow params: the model spec's fields by name, the training settings the space searched as
-    train.KEY, and the sampler's own values (phi, alpha, ...) as search.KEY, so that the UI compares runs by
-    the knobs that were searched. One batch, not a write per parameter: Tune logs them before the trial starts,
-    and at 128 trials at once the per-parameter writes held the first wave back a minute (benchmarks/scale_sim.py)."""
+def trial_params(config: dict, num_classes: int | None = None) -> dict:
+    """A trial's MLflow params: the full model spec's fields by name (with the data's num_classes, and every
+    default the space left unset), the training settings the space searched as train.KEY, and the sampler's own
+    values (phi, alpha, ...) as search.KEY, so that the UI compares runs by the knobs that were searched. One
+    batch, not a write per parameter: Tune logs them before the trial starts, and at 128 trials at once the
+    per-parameter writes held the first wave back a minute (benchmarks/scale_sim.py)."""
+    spec = config.get("spec", {})
+    if num_classes is not None and spec:
+        spec = ModelSpec.from_dict({**spec, "num_classes": num_classes}, where="trial spec").to_dict()
     searched = {k: v for k, v in config.items() if k not in ("spec", "train") and not isinstance(v, dict)}
-    return {**config.get("spec", {}), **{f"train.{k}": v for k, v in config.get("train", {}).items()},
+    return {**spec, **{f"train.{k}": v for k, v in config.get("train", {}).items()},
             **{f"search.{k}": v for k, v in searched.items()}}
 
 
