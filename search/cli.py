@@ -167,7 +167,7 @@ def _demo(args) -> int:
     outcome = _run_and_report(job)
     budget = max(DEMO_PROMOTE_GFLOPS, min(p.gflops for p in outcome.frontier))
     _promote_and_report(job.name, model_name=job.registered_model_name, max_gflops=budget)
-    _ui_hint()
+    _ui_hint(outcome.experiment_id)
     return 0
 
 
@@ -175,9 +175,9 @@ def _search(args) -> int:
     from search.job import load_job
 
     job = load_job(args.job)
-    _run_and_report(job, args.address, resume=args.resume, warm_start_from=args.warm_start)
+    outcome = _run_and_report(job, args.address, resume=args.resume, warm_start_from=args.warm_start)
     print(f"next: effsearch frontier {job.name}   |   effsearch promote {job.name} --max-gflops X")
-    _ui_hint()
+    _ui_hint(outcome.experiment_id)
     return 0
 
 
@@ -378,11 +378,17 @@ def _make_shapes(args) -> int:
 
 
 def _ui(args) -> int:
-    from search.tracking import tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import tracking_uri, ui_url
 
     _check_port_free(args.host, args.port)
     uri = tracking_uri()
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {ui_url(base)}  (Ctrl-C to stop)")
+    for experiment in MlflowClient(uri).search_experiments(max_results=20, order_by=["last_update_time DESC"]):
+        if experiment.name != "Default":
+            print(f"  {experiment.name}: {ui_url(base, experiment.experiment_id)}")
     # One server process: uvicorn's supervisor kills a worker that has not answered its health check within
     # 5 s, and on a busy machine (a search beside it) the UI's workers then die and restart forever (seen here).
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -408,10 +414,11 @@ def _check_port_free(host: str, port: int) -> None:
             raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
-def _ui_hint() -> None:
-    from search.tracking import tracking_uri
+def _ui_hint(experiment_id: str) -> None:
+    from search.tracking import tracking_uri, ui_url
 
-    print(f"\nbrowse the runs and the frontier: effsearch ui   (MLflow on {tracking_uri()})")
+    print(f"\nbrowse the runs and the frontier: effsearch ui   (MLflow on {tracking_uri()}), then open "
+          f"{ui_url('http://127.0.0.1:5000', experiment_id)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from search.states import COMPLETE, FAILED, INFEASIBLE, PRUNED
+from search.tracking import ui_url
 
 # One colour and marker per state, the same in the PNG and the HTML.
 STYLE = {
@@ -60,7 +61,7 @@ def plot_png(trials: list, front: list, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     for state, (colour, marker, _, label) in STYLE.items():
         points = _drawn(trials, state)
         if points:
@@ -84,7 +85,8 @@ def plot_png(trials: list, front: list, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
+        # Beside the axes, not over the points: with few trials, any corner of the plot may hold one.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     undrawn = {state: sum(p.state == state and math.isnan(p.gflops) for p in trials) for state in STYLE}
     note = ", ".join(f"{count} {state}" for state, count in undrawn.items() if count)
     if note:
@@ -96,7 +98,7 @@ def plot_png(trials: list, front: list, path: Path, title: str) -> None:
 
 def run_link(experiment_id: str, run_id: str) -> str:
     # The MLflow UI's route to a run, from the server's root (where `effsearch ui` and `mlflow server` serve it).
-    return f"/#/experiments/{experiment_id}/runs/{run_id}"
+    return ui_url("", experiment_id, run_id)
 
 
 def frontier_html(trials: list, front: list, experiment_id: str, title: str) -> str:
@@ -119,8 +121,10 @@ def frontier_html(trials: list, front: list, experiment_id: str, title: str) -> 
     if ordered:
         fig.add_trace(go.Scatter(x=[p.gflops for p in ordered], y=[p.map for p in ordered], mode="lines",
                                  line=dict(shape="hv", color=FRONT_COLOUR), name="frontier", hoverinfo="skip"))
-    fig.update_layout(title=title, xaxis_title=X_LABEL, yaxis_title=Y_LABEL, template="plotly_white",
-                      height=520)
+    # The legend above the plot: shown in MLflow's narrow artifact frame, one at the side took half the width.
+    # The page's heading is the title: a plotly title under the legend overlapped it.
+    fig.update_layout(xaxis_title=X_LABEL, yaxis_title=Y_LABEL, template="plotly_white", height=520,
+                      margin=dict(t=90), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     # Plotly's own click event: open the run a point stands for.
     click = ("var plot = document.getElementById('{plot_id}'); plot.on('plotly_click', function (event) {"
              " var link = event.points[0].customdata && event.points[0].customdata[0];"

@@ -109,7 +109,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             study_name=job.name, storage=journal)
         logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs, job.search.max_gflops,
                                    number_of=searcher.optuna_number, comparable=comparable,
-                                   enqueued_of=searcher.enqueued_label, num_classes=data.train.num_classes)
+                                   enqueued_of=searcher.enqueued_label, num_classes=data.train.num_classes,
+                                   train_settings=asdict(job.train))
         searcher.on_infeasible = logger.record_infeasible
         runnable = tune.with_resources(tune.with_parameters(trainable, setup=setup),
                                        trial_resources(job.resources))

@@ -31,6 +31,9 @@ PARAMS_ATTR = "params_m"
 REPEATS_ATTR = "effsearch.repeats_trial"  # on a repeated proposal: the Optuna number of the trial it repeats
 # Proposals in a row over budget before the search gives up on the space.
 MAX_PROPOSALS = 500
+# Over-budget configurations recorded as runs per search, each once: a search whose budget nothing meets would
+# otherwise leave 500 runs (the parent's infeasible_proposals metric counts them all).
+MAX_INFEASIBLE_RUNS = 50
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._enqueued = list(zip(enqueued_labels, kwargs.get("points_to_evaluate") or ()))
         # Told of each over-budget proposal (its Optuna number, config, GFLOPs, params, reason): the run logger.
         self.on_infeasible: Callable[[int, dict, float | None, float, str], None] | None = None
+        self._infeasible_told: set[str] = set()  # configurations already told to on_infeasible
         self.proposals: list[tuple[float | None, bool]] = []  # GFLOPs are None where none were counted
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.exhausted = ""
@@ -164,7 +168,9 @@ class BudgetedOptunaSearch(OptunaSearch):
             if not feasible:
                 ot_trial.set_user_attr(STATE_TAG, INFEASIBLE)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-                if self.on_infeasible is not None:
+                if self.on_infeasible is not None and key not in self._infeasible_told \
+                        and len(self._infeasible_told) < MAX_INFEASIBLE_RUNS:
+                    self._infeasible_told.add(key)
                     self.on_infeasible(ot_trial.number, config, gflops, cost.params_m, self._budget.explain(cost))
             else:
                 values, number = self._trained[key]

@@ -42,9 +42,18 @@ def artifact_location(uri: str, experiment_name: str) -> str | None:
     return (db.parent / "artifacts" / experiment_name).resolve().as_uri()
 
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI view of traces ("Traces 0", the parent run under
-# "Evaluations"); with it, on the training runs, children nested under their search.
+# What the experiment is, for MLflow: model training, not GenAI. MLflow 3.17.2's UI does not read it yet (its
+# build picks the view from the URL's workflowType, else the browser's last choice, else GenAI: seen in
+# tests/test_browser.py), so the links effsearch prints carry UI_TRAINING_VIEW too.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """A link into the MLflow UI at base ('' for the server's own root) that opens on the training runs view:
+    the experiment list, an experiment's runs, or one run."""
+    route = "/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/#{route}?{UI_TRAINING_VIEW}"
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

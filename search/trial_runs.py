@@ -34,9 +34,10 @@ class MlflowTrialLogger(Callback):
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, total_epochs: int,
                  max_gflops: float | None = None, number_of: Callable[[str], int | None] = lambda _: None,
                  comparable: Comparable | None = None, enqueued_of: Callable[[str], str | None] = lambda _: None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, train_settings: dict | None = None):
         self.client = client
         self.num_classes = num_classes  # the data's: with it, a run's params are the full ModelSpec
+        self.train_settings = train_settings or {}  # the job's; a searched setting overrides its own
         self.number_of = number_of  # Tune trial id -> its Optuna trial number (the searcher knows it)
         self.enqueued_of = enqueued_of  # Tune trial id -> the search.enqueue entry it is, if any
         self.comparable = comparable
@@ -82,7 +83,7 @@ class MlflowTrialLogger(Callback):
             run = self.client.create_run(self.experiment_id, run_name=run_name(number, trial.trial_id, trial.config),
                                          tags=tags)
             self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(key, str(value))
-                                                           for key, value in trial_params(trial.config, self.num_classes).items()])
+                                                           for key, value in trial_params(trial.config, self.num_classes, self.train_settings).items()])
             self.run_ids[trial.trial_id] = run.info.run_id
         return self.run_ids[trial.trial_id]
 
@@ -103,7 +104,7 @@ class MlflowTrialLogger(Callback):
         if gflops is not None:
             metrics.append(mlflow.entities.Metric("gflops", float(gflops), now, 0))
         self.client.log_batch(run.info.run_id, metrics=metrics, params=[
-            mlflow.entities.Param(key, str(value)) for key, value in trial_params(config, self.num_classes).items()])
+            mlflow.entities.Param(key, str(value)) for key, value in trial_params(config, self.num_classes, self.train_settings).items()])
         self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -168,17 +169,19 @@ def error_summary(trial) -> str:
     return ""
 
 
-def trial_params(config: dict, num_classes: int | None = None) -> dict:
+def trial_params(config: dict, num_classes: int | None = None, train_settings: dict | None = None) -> dict:
     """A trial's MLflow params: the full model spec's fields by name (with the data's num_classes, and every
-    default the space left unset), the training settings the space searched as train.KEY, and the sampler's own
-    values (phi, alpha, ...) as search.KEY, so that the UI compares runs by the knobs that were searched. One
-    batch, not a write per parameter: Tune logs them before the trial starts, and at 128 trials at once the
-    per-parameter writes held the first wave back a minute (benchmarks/scale_sim.py)."""
+    default the space left unset), its training settings as train.KEY (the job's, and those the space searched
+    in their place), and the sampler's own values (phi, alpha, ...) as search.KEY, so that the UI compares runs
+    by the knobs that were searched. One batch, not a write per parameter: Tune logs them before the trial
+    starts, and at 128 trials at once the per-parameter writes held the first wave back a minute
+    (benchmarks/scale_sim.py)."""
     spec = config.get("spec", {})
     if num_classes is not None and spec:
         spec = ModelSpec.from_dict({**spec, "num_classes": num_classes}, where="trial spec").to_dict()
     searched = {k: v for k, v in config.items() if k not in ("spec", "train") and not isinstance(v, dict)}
-    return {**spec, **{f"train.{k}": v for k, v in config.get("train", {}).items()},
+    train = {**(train_settings or {}), **config.get("train", {})}
+    return {**spec, **{f"train.{k}": v for k, v in train.items()},
             **{f"search.{k}": v for k, v in searched.items()}}
 
 

@@ -11,7 +11,7 @@ from search.frontier import complete_trials, compute_frontier
 from search.job import parse_job
 from search.promote import PRODUCTION, promote
 from search.searcher import REPEATS_ATTR
-from search.states import COMPLETE, FAILED, STATE_TAG
+from search.states import COMPLETE, FAILED, INFEASIBLE, STATE_TAG
 from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, MODEL_URI_TAG, PARENT_TAG
 
 # GFLOPs. With seed 1, the sampler's first random proposal costs 0.072 GFLOPs: over budget, so it never
@@ -43,7 +43,7 @@ def _children(client, outcome):
 
 def test_every_trial_is_a_child_run(searched):
     outcome, client, job = searched
-    children = _children(client, outcome)
+    children = [run for run in _children(client, outcome) if run.data.tags[STATE_TAG] != INFEASIBLE]
     assert len(children) == job.search.trials
     # Readable names (the trial's number, phi, the network's size), and the sampler's own values as search.KEY.
     names = sorted(run.info.run_name for run in children)
@@ -62,7 +62,7 @@ def test_every_trial_is_a_child_run(searched):
 
 def test_trained_trials_have_per_epoch_metrics_and_params(searched):
     outcome, client, job = searched
-    trained = [r for r in _children(client, outcome) if r.info.status == "FINISHED"]
+    trained = [r for r in _children(client, outcome) if r.data.tags[STATE_TAG] == COMPLETE]
     assert trained, "the seeded search should train at least one in-budget configuration"
     for run in trained:
         history = client.get_metric_history(run.info.run_id, "map")
@@ -82,7 +82,7 @@ def test_a_one_worker_trial_trains_in_its_tune_trial_with_tune_checkpoints(searc
     from search.trainable import CHECKPOINTS_KEPT
 
     outcome, client, job = searched
-    trained = [r for r in _children(client, outcome) if r.info.status == "FINISHED"]
+    trained = [r for r in _children(client, outcome) if r.data.tags[STATE_TAG] == COMPLETE]
     store = search_folder / "store" / "ray"
     assert not list(store.glob("train-*")), "a one-worker trial started a Ray Train run"
     checkpoints = sorted(store.glob("*/*/checkpoint_*"))
@@ -92,12 +92,17 @@ def test_a_one_worker_trial_trains_in_its_tune_trial_with_tune_checkpoints(searc
 
 def test_over_budget_proposals_never_become_trials(searched):
     """Seed 1's first proposal (0.072 GFLOPs) is over the budget: it is answered in the driver, so every
-    child run is a trained, in-budget configuration (the count is tested in test_an_over_budget_proposal...)."""
+    trained child run is an in-budget configuration (the count is tested in test_an_over_budget_proposal...).
+    The proposal is a run too, never trained: state infeasible, its cost, and the limit it broke."""
     outcome, client, job = searched
     children = _children(client, outcome)
     assert outcome.failed == 0 and all(r.info.status == "FINISHED" for r in children)
-    assert all(r.data.metrics["gflops"] <= BUDGET for r in children)
-    assert all(r.data.tags[STATE_TAG] == COMPLETE for r in children)
+    trained = [r for r in children if r.data.tags[STATE_TAG] != INFEASIBLE]
+    assert all(r.data.metrics["gflops"] <= BUDGET for r in trained)
+    assert all(r.data.tags[STATE_TAG] == COMPLETE for r in trained)
+    infeasible = [r for r in children if r.data.tags[STATE_TAG] == INFEASIBLE]
+    assert infeasible and all(r.data.metrics["gflops"] > BUDGET and "loss" not in r.data.metrics for r in infeasible)
+    assert all(r.data.tags["effsearch.reason"].startswith("over budget: ") for r in infeasible)
 
 
 def test_frontier_is_tagged_and_attached(searched):
@@ -665,12 +670,18 @@ def _curves_table(path):
     return load_curves(path)
 
 
-def test_the_pareto_stopper_prunes_on_replayed_curves_and_pruned_trials_stay_off_the_frontier(tmp_path, shapes):
+def test_the_pareto_stopper_prunes_on_replayed_curves_and_pruned_trials_stay_off_the_frontier(tmp_path, shapes,
+                                                                                                 monkeypatch):
     """12 trials of the CPU compound space replay learning curves under the Pareto stopper, rungs at epochs 1 and
     3 of 6. Every trial it stops is PRUNED in Optuna with no values, tagged pruned in MLflow, and absent from the
     frontier; the rest are complete."""
     import optuna
     from mlflow.tracking import MlflowClient
+
+    import search.trial_runs
+
+    # Replayed trials finish within seconds of each other: without the redraw's rate limit, every one redraws.
+    monkeypatch.setattr(search.trial_runs, "FRONTIER_REFRESH_S", 0.0)
 
     from search.replay import ReplayTrainable
     from search.states import PRUNED
