@@ -22,6 +22,42 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), train_images=32, val_images=12, seed=3)
 
 
+# The recipe that learns on 2 CPU cores: the CPU space's default variant, EfficientDet-Lite at 192 px with a BiFPN
+# of 48 channels x 2 cells (0.10 GFLOPs), on the demo's 600 train / 100 val shapes for 5 epochs.
+DEFAULT_VARIANT = {"phi": 1.0, "fpn_channels": 48, "fpn_repeats": 2}
+
+
+@pytest.fixture(scope="session")
+def trained_shapes_model(tmp_path_factory):
+    """That recipe trained once for the session (it takes about 2 minutes): tests/test_learning.py asserts its AP,
+    tests/test_predict.py logs, promotes and predicts with it. {checkpoint, metrics, seconds, spec, shapes}."""
+    import shutil
+    import time
+
+    import optuna
+
+    from spaces.search_spaces import lite_cpu
+    from trainers.loop import TrialPlan, fit
+    from trainers.recipe import TrainConfig
+    from trainers.shapes import make_shapes
+    from trainers.spec import ModelSpec
+
+    root = tmp_path_factory.mktemp("trained-shapes")
+    paths = make_shapes(root / "shapes")  # the demo's 600 train / 100 val images, seed 0
+    spec = ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(DEFAULT_VARIANT))["spec"], "num_classes": 3})
+    epochs, final, history = 5, root / "final-checkpoint", []
+
+    def keep(metrics, checkpoint):
+        history.append(metrics)
+        if metrics["epoch"] == epochs:
+            shutil.copytree(checkpoint, final)
+
+    start = time.perf_counter()
+    fit(TrialPlan(spec, training_data(paths), TrainConfig(epochs=epochs, eval_every=epochs, threads=2)), keep)
+    return {"checkpoint": final, "metrics": history[-1], "seconds": time.perf_counter() - start, "spec": spec,
+            "shapes": paths}
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     """A real SQLite MLflow store in a temporary folder, selected the standard way."""

@@ -1,7 +1,5 @@
 """effsearch predict: a promoted model finds fresh shapes, in each image's own coordinates, with the dataset's ids."""
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -9,7 +7,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import training_data
+from conftest import DEFAULT_VARIANT
 from PIL import Image
 from torchvision.ops import box_iou
 
@@ -23,16 +21,13 @@ from trainers.spec import ModelSpec
 
 NAME = "shapes-detector"
 UNTRAINED = "untrained-detector"
-# The recipe tests/test_learning.py shows reaching AP 0.45 in about 100 s on 2 CPU cores: EfficientDet-Lite at
-# 192 px, BiFPN 48 x 2, 600 images x 5 epochs. 300 x 4 reached AP 0.16 and found 40% of the boxes: too few.
-VARIANT = {"phi": 1.0, "fpn_channels": 48, "fpn_repeats": 2}
-TRAIN_IMAGES = int(os.environ.get("PREDICT_TEST_TRAIN_IMAGES", 600))
-EPOCHS = int(os.environ.get("PREDICT_TEST_EPOCHS", 5))
+# The trained model is conftest.trained_shapes_model (600 images x 5 epochs; 300 x 4 reached AP 0.16 and found
+# 40% of the boxes: too few). The untrained ones have its spec.
 SHAPE_IDS = {c["id"] for c in CATEGORIES}
 
 
 def _spec() -> ModelSpec:
-    return ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(VARIANT))["spec"], "num_classes": 3})
+    return ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(DEFAULT_VARIANT))["spec"], "num_classes": 3})
 
 
 def _logged(folder: Path, checkpoint: Path, *, experiment: str = "predict-test") -> str:
@@ -86,27 +81,14 @@ def untrained(store):
 
 
 @pytest.fixture(scope="module")
-def trained(store):
-    """The recipe that learns on 2 CPU cores, trained once, logged, registered and promoted to production."""
-    from trainers.loop import TrialPlan, fit
-    from trainers.recipe import TrainConfig
-
-    paths = make_shapes(store / "shapes", train_images=TRAIN_IMAGES, val_images=16, seed=0)
-    final = store / "final-checkpoint"
-
-    def keep_last(metrics, checkpoint):
-        if metrics["epoch"] == EPOCHS:
-            shutil.copytree(checkpoint, final)
-            keep_last.metrics = metrics
-
+def trained(store, trained_shapes_model):
+    """The recipe that learns on 2 CPU cores (conftest.trained_shapes_model, trained once for the session), logged,
+    registered and promoted to production."""
     start = time.perf_counter()
-    fit(TrialPlan(_spec(), training_data(paths), TrainConfig(epochs=EPOCHS, eval_every=EPOCHS, threads=2)),
-        keep_last)
-    trained_s = time.perf_counter() - start
-    run_id = _logged(store, final)
+    run_id = _logged(store, trained_shapes_model["checkpoint"])
     _promote(run_id)
-    print(f"\npredict fixture: {TRAIN_IMAGES} images x {EPOCHS} epochs, val AP {keep_last.metrics['map']:.3f}, "
-          f"trained in {trained_s:.0f} s, {time.perf_counter() - start:.0f} s with logging and promotion")
+    print(f"\npredict fixture: val AP {trained_shapes_model['metrics']['map']:.3f}, trained in "
+          f"{trained_shapes_model['seconds']:.0f} s; logged and promoted in {time.perf_counter() - start:.0f} s")
     return run_id
 
 
