@@ -71,3 +71,19 @@ def test_ui_serves_the_tracking_store_on_loopback(tmp_path, mlflow_uri):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+    # It prints each experiment's link, opening on the training runs (tests/test_browser.py follows one).
+    experiment_id = MlflowClient(mlflow_uri).get_experiment_by_name("visible-in-ui").experiment_id
+    printed = server.stdout.read().decode()
+    assert f"visible-in-ui: http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning" \
+        in printed, printed[-2000:]
+
+
+def test_ui_on_a_port_that_is_taken_says_so_in_one_line(mlflow_uri, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"effsearch: error: port {port} on 127.0.0.1 is taken (another MLflow UI?): choose another with " \
+                  "--port N, or open the one running\n"
