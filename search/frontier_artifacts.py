@@ -80,6 +80,7 @@ def plot_png(trials: list, front: list, path: Path, title: str) -> None:
     costs = [p.gflops for p in trials if not math.isnan(p.gflops)]
     if costs and min(costs) > 0 and max(costs) / min(costs) > 20:
         ax.set_xscale("log")  # D0 to D7 span two orders of magnitude
+    ax.margins(x=0.08, y=0.08)  # room for the labels of the points at the ends
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel(Y_LABEL)
     ax.set_title(title, fontsize=9)
