@@ -96,3 +96,74 @@ def test_the_parents_frontier_csv_is_the_pareto_front_of_its_complete_runs(concu
     page = open(mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id, artifact_path="frontier.html",
                                                     dst_path=str(tmp_path))).read()
     assert "plotly_click" in page and all(row["run_name"] in page for row in rows)
+
+
+def _instant(config, *, setup):
+    """Stands in for training: reports every epoch of the job at once, with the proposal's real GFLOPs."""
+    from ray import tune
+
+    from search.searcher import CostCounter
+
+    cost = CostCounter(setup.data.train.num_classes)(config["spec"])
+    epochs = setup.job.train.epochs
+    tune.report({"epoch": epochs, "loss": 1.0, "map": 0.2 + cost.gflops * epochs, "gflops": cost.gflops,
+                 "params_m": cost.params_m, "full_budget": 1})
+
+
+def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, shapes, monkeypatch, capsys):
+    """Three searches of one job: 1 epoch, 2 epochs, 1 epoch again. Each parent's frontier.csv holds its own
+    trials; the experiment-wide frontier compares the latest search's data and epochs only, and says so; a search
+    of another budget leaves the earlier runs' frontier tags alone."""
+    import sys
+
+    import mlflow
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from search.cli import main
+    from search.frontier import experiment_frontier
+    from search.job import parse_job
+    from search.run import run_search
+    from search.tracking import FRONTIER_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
+    ray.init(num_cpus=2, include_dashboard=False)  # one Ray for the three searches
+    outcomes = []
+    try:
+        for epochs, seed in ((1, 0), (2, 1), (1, 2)):
+            raw = {"name": "budgets", "data": {"train": shapes["train"], "val": shapes["val"]},
+                   "search": {"space": "lite_cpu", "trials": 2, "seed": seed, "scheduler": "fifo"},
+                   "train": {"epochs": epochs}, "resources": {"cpus_per_worker": 1}}
+            outcomes.append(run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                                       trainable=_instant))
+            if len(outcomes) == 1:
+                first_tags = {p.run_id: client.get_run(p.run_id).data.tags[FRONTIER_TAG]
+                              for p in experiment_frontier(client, outcomes[0].experiment_id).compared}
+            if len(outcomes) == 2:
+                found = experiment_frontier(client, outcomes[1].experiment_id)
+                assert {p.parent_run_id for p in found.compared} == {outcomes[1].parent_run_id}
+                assert found.left_out == 2 and found.among.epochs == 2
+                # The 2-epoch search did not re-tag the 1-epoch runs.
+                assert {run_id: client.get_run(run_id).data.tags[FRONTIER_TAG] for run_id in first_tags} == first_tags
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    experiment_id = outcomes[0].experiment_id
+    for outcome in outcomes:
+        path = mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id, artifact_path="frontier.csv",
+                                                   dst_path=str(tmp_path / outcome.parent_run_id))
+        listed = {row["run_id"] for row in csv.DictReader(open(path))}
+        children = {r.info.run_id for r in client.search_runs(
+            [experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")}
+        assert listed == children and len(children) == 2
+    found = experiment_frontier(client, experiment_id)
+    assert {p.parent_run_id for p in found.compared} == {outcomes[0].parent_run_id, outcomes[2].parent_run_id}
+    assert found.searches == 2 and found.left_out == 2 and found.among.epochs == 1
+    capsys.readouterr()
+    assert main(["frontier", "budgets"]) == 0
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said == (f"budgets: compared 4 complete runs of 2 searches (data {found.among.data_hash}, 1 epochs); "
+                    "2 complete runs of other data or epoch budgets are not compared"), said
