@@ -95,11 +95,16 @@ class ExperimentFrontier:
 
     def describe(self) -> str:
         where = self.among.describe() if self.among else "runs recorded before data hashes"
-        text = (f"compared {len(self.compared)} complete runs of {self.searches} search"
-                f"{'es' if self.searches != 1 else ''} ({where})")
+        text = (f"compared {_count(len(self.compared), 'complete run')} of {_count(self.searches, 'search')} "
+                f"({where})")
         if self.left_out:
-            text += f"; {self.left_out} complete runs of other data or epoch budgets are not compared"
+            text += (f"; {_count(self.left_out, 'complete run')} of other data or epoch budgets "
+                     f"{'is' if self.left_out == 1 else 'are'} not compared")
         return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def latest_comparable(client: MlflowClient, experiment_id: str) -> Comparable | None:
