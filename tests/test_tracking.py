@@ -130,6 +130,7 @@ def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, sh
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
+    ray.shutdown()  # the module's 8-CPU Ray (fixture `concurrent`) has done its work, if it ran first
     ray.init(num_cpus=2, include_dashboard=False)  # one Ray for the three searches
     outcomes = []
     try:
