@@ -16,8 +16,8 @@ from effdet.data.loader import DetectionFastCollate
 from effdet.data.transforms import RandomFlip, RandomResizePad, ResizePad
 from PIL import Image, ImageOps
 
-from trainers.anchors import BatchAnchorLabeler
 from trainers.annotations import LabelMap, SplitIndex
+from trainers.mixup import mix_batch
 from trainers.validate import DataError, exif_transpose_needed
 
 MAX_BOXES = 100  # per image; effdet pads targets to a fixed count
@@ -94,7 +94,7 @@ class CocoDetection(torch.utils.data.Dataset):
         img = self._image(index)
         xywh, labels = self.index.training_targets(index)
         anno = {"bbox": coco_to_effdet_boxes(xywh, 1.0), "cls": labels.copy(), "img_size": (img.width, img.height),
-                "image_id": int(self.index.image_ids[index])}
+                "image_id": int(self.index.image_ids[index]), "epoch": epoch}
         # effdet's transforms draw from the global `random`; seed it per item and put it back afterwards.
         state = random.getstate()
         random.seed(hash((self.seed, epoch, index)) if self.train else 0)
@@ -125,20 +125,29 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Collate:
-    """effdet's DetectionFastCollate (uint8 images, targets padded to MAX_BOXES), plus anchor labels if given.
+    """effdet's DetectionFastCollate (uint8 images, targets padded to MAX_BOXES), then detection mixup and the
+    head's labels (trainers/anchors.py or trainers/centernet.py) if given.
 
     Labelling in the collate runs it in the loader workers, beside the training step (effdet's design), and
-    BatchAnchorLabeler labels the whole batch at once.
+    the labelers label the whole batch at once. Mixup draws from a generator seeded by (seed, epoch, the
+    batch's image ids), so a resumed run mixes as an uninterrupted one did, whichever process collates.
     """
 
-    def __init__(self, labeler: BatchAnchorLabeler | None = None):
+    def __init__(self, labeler=None, *, mixup_prob: float = 0.0, mixup_alpha: float = 1.5, seed: int = 0):
         self.collate = DetectionFastCollate(max_instances=MAX_BOXES)
         self.labeler = labeler
+        self.mixup_prob, self.mixup_alpha, self.seed = mixup_prob, mixup_alpha, seed
 
     def __call__(self, batch):
         images, targets = self.collate(batch)
+        weights = None
+        if self.mixup_prob > 0:
+            key = hash((self.seed, int(targets["epoch"][0]), *targets["image_id"].tolist()))  # ints hash stably
+            rng = np.random.default_rng(key % 2**63)
+            images, targets["bbox"], targets["cls"], weights = mix_batch(
+                images, targets["bbox"], targets["cls"], prob=self.mixup_prob, alpha=self.mixup_alpha, rng=rng)
         if self.labeler is not None:
-            targets.update(self.labeler(targets["bbox"], targets["cls"]))
+            targets.update(self.labeler(targets["bbox"], targets["cls"], weights))
         return images, targets
 
 

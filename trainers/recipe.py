@@ -30,6 +30,10 @@ class TrainConfig:
     ema: bool = True  # keep a timm ModelEmaV3 of the weights; both are evaluated and the better one is kept
     ema_decay: float = 0.9998  # effdet's; timm's warmup keeps the effective decay low for short runs
     scale_jitter: tuple[float, float] = (0.8, 1.2)  # random resize-pad scale range (effdet's COCO: 0.1-2.0)
+    # Detection mixup (trainers/mixup.py): the chance that an image is blended with another of its batch,
+    # and the Beta(α, α) of the blend ratio (the paper's 1.5). Off by default.
+    mixup_prob: float = 0.0
+    mixup_alpha: float = 1.5
     amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a scaler; off on CPU
     channels_last: bool = True  # on CUDA only
     # Processes decoding, augmenting and labelling batches beside each trainer. -1 picks: none on CPU, where
@@ -57,6 +61,10 @@ class TrainConfig:
             raise ConfigError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp: must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if not 0 <= self.mixup_prob <= 1:
+            raise ConfigError(f"mixup_prob: must be in [0, 1], got {self.mixup_prob}")
+        if not self.mixup_alpha > 0:
+            raise ConfigError(f"mixup_alpha: must be > 0, got {self.mixup_alpha}")
         if not self.ema_decay < 1:
             raise ConfigError(f"ema_decay: must be < 1, got {self.ema_decay}")
         low, high = self.scale_jitter

@@ -9,6 +9,10 @@ from trainers.typed import ConfigError, from_mapping
 
 BACKBONE_FAMILIES = ("efficientnet", "efficientnet_lite")
 FUSIONS = ("fastattn", "attn", "sum")
+NECKS = ("bifpn", "pan", "fpn")
+BOX_LOSSES = ("huber", "giou", "diou", "ciou")
+ASSIGNERS = ("iou", "atss")
+HEADS = ("anchor", "center")
 
 
 class SpecError(ConfigError):
@@ -30,11 +34,22 @@ class ModelSpec:
     fpn_channels: int = 64
     fpn_repeats: int = 3
     head_repeats: int = 3
-    fusion: str = "fastattn"
+    fusion: str = "fastattn"  # how each neck node weighs its inputs: effdet's fast normalised, softmax, or plain sum
+    neck: str = "bifpn"  # bifpn: effdet's BiFPN; pan: effdet's PANet layout; fpn: top-down only (trainers/necks.py)
+    head: str = "anchor"  # anchor: effdet's class and box nets; center: CenterNet-style, anchor-free (trainers/centernet.py)
+    center_level: int = 3  # the neck level the center head predicts from (stride 2**center_level)
+    # Anchor head only: which anchors learn which box, and the box regression loss.
+    assigner: str = "iou"  # iou: effdet's fixed thresholds; atss: adaptive (trainers/atss.py)
+    match_threshold: float = 0.5  # iou: an anchor with IoU >= this is positive (effdet's)
+    unmatched_threshold: float = 0.5  # iou: below this negative; between the two, ignored
+    atss_topk: int = 9  # atss: candidate anchor locations per level and box (the paper's k)
+    box_loss: str = "huber"  # huber on effdet's encoded offsets, or an IoU loss on the decoded boxes
     # Loss settings live here because effdet keeps them in the model config.
     focal_alpha: float = 0.25
     focal_gamma: float = 1.5
-    box_loss_weight: float = 50.0
+    box_loss_weight: float = 50.0  # huber only: effdet's weight for its encoded-offset loss
+    iou_loss_weight: float = 2.0  # giou, diou, ciou: ATSS's weight for GIoU against focal loss
+    label_smoothing: float = 0.0  # class targets become t(1 - s) + s/2, as effdet's focal loss applies it
     # effdet's default (0.01, PyTorch convention) barely moves in a few hundred steps; see DESIGN.md.
     bn_momentum: float = 0.01
     # Stochastic depth in the backbone: effdet's D0 value (its Lite configs use 0.1).
@@ -83,6 +98,18 @@ def _validate(s: ModelSpec) -> None:
     _check(1 <= s.fpn_repeats <= 12, f"fpn_repeats: must be in [1, 12], got {s.fpn_repeats}")
     _check(1 <= s.head_repeats <= 8, f"head_repeats: must be in [1, 8], got {s.head_repeats}")
     _check(s.fusion in FUSIONS, f"fusion: must be one of {FUSIONS}, got {s.fusion!r}")
+    _check(s.neck in NECKS, f"neck: must be one of {NECKS}, got {s.neck!r}")
+    _check(s.head in HEADS, f"head: must be one of {HEADS}, got {s.head!r}")
+    _check(s.min_level <= s.center_level <= s.max_level,
+           f"center_level: must be a neck level in [{s.min_level}, {s.max_level}], got {s.center_level}")
+    _check(s.assigner in ASSIGNERS, f"assigner: must be one of {ASSIGNERS}, got {s.assigner!r}")
+    _check(0 < s.match_threshold <= 1, f"match_threshold: must be in (0, 1], got {s.match_threshold}")
+    _check(0 < s.unmatched_threshold <= s.match_threshold,
+           f"unmatched_threshold: must be in (0, match_threshold = {s.match_threshold}], got {s.unmatched_threshold}")
+    _check(1 <= s.atss_topk <= 64, f"atss_topk: must be in [1, 64], got {s.atss_topk}")
+    _check(s.box_loss in BOX_LOSSES, f"box_loss: must be one of {BOX_LOSSES}, got {s.box_loss!r}")
+    _check(s.iou_loss_weight > 0, f"iou_loss_weight: must be > 0, got {s.iou_loss_weight}")
+    _check(0 <= s.label_smoothing < 0.5, f"label_smoothing: must be in [0, 0.5), got {s.label_smoothing}")
     _check(0 < s.focal_alpha < 1, f"focal_alpha: must be in (0, 1), got {s.focal_alpha}")
     _check(s.focal_gamma >= 0, f"focal_gamma: must be >= 0, got {s.focal_gamma}")
     _check(s.box_loss_weight > 0, f"box_loss_weight: must be > 0, got {s.box_loss_weight}")
