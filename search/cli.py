@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path(".effsearch/demo"), help="where the dataset and job go")
     p.add_argument("--trials", type=int, help="override the demo's number of trials")
     p.add_argument("--epochs", type=int, help="override the demo's epochs per trial")
+    p.add_argument("--detector", action="store_true",
+                   help="also search the detector's parts (neck, head, box loss, assigner, label smoothing, mixup), "
+                        "in experiment shapes-detector-demo")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("search", help="run the search a job file describes")
@@ -142,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a preset name (d0..d7x) or a spec YAML/JSON file")
     p.add_argument("--num-classes", type=int, default=90, help="classes for a preset (COCO's 90 by default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--choices", action="store_true",
+                   help="also the params and GFLOPs with each neck, head, assigner and box loss swapped in")
     p.set_defaults(func=_describe)
 
     p = sub.add_parser("make-shapes", help="write the synthetic shapes COCO dataset")
@@ -162,7 +167,7 @@ def _demo(args) -> int:
     from search.demo import DEMO_PROMOTE_GFLOPS, demo_job
 
     print(f"effsearch demo: writing the shapes dataset and job under {args.dir}")
-    job_file, job = demo_job(args.dir, trials=args.trials, epochs=args.epochs)
+    job_file, job = demo_job(args.dir, trials=args.trials, epochs=args.epochs, detector=args.detector)
     print(f"job file: {job_file}")
     outcome = _run_and_report(job)
     budget = max(DEMO_PROMOTE_GFLOPS, min(p.gflops for p in outcome.frontier))
@@ -360,11 +365,21 @@ def _describe(args) -> int:
     cost = model_cost(spec)
     info = {"model": args.model, "params": cost.params, "params_m": round(cost.params_m, 3),
             "gflops": round(cost.gflops, 3), "image_size": spec.image_size, "spec": spec.to_dict()}
+    if args.choices:
+        from spaces.detector import choice_costs
+
+        info["choices"] = choice_costs(spec)
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        print(f"{args.model}: {cost.params_m:.2f}M params, {cost.gflops:.2f} GFLOPs (multiply-adds) "
-              f"at {spec.image_size}x{spec.image_size}")
+        return 0
+    print(f"{args.model}: {cost.params_m:.2f}M params, {cost.gflops:.2f} GFLOPs (multiply-adds) "
+          f"at {spec.image_size}x{spec.image_size}")
+    if args.choices:
+        print(f"{'field':<10} {'value':<8} {'params':>9} {'GFLOPs':>8}")
+        for row in info["choices"]:
+            note = "  (this spec)" if row["current"] else ""
+            print(f"{row['field']:<10} {row['value']:<8} {row['params_m']:>8.2f}M {row['gflops']:>8.3f}{note}")
+        print("assigner and box_loss change only training: the same network, the same cost")
     return 0
 
 

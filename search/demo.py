@@ -34,25 +34,44 @@ resources:
   cpus_per_worker: 1
 """
 
+# `effsearch demo --detector`: the same job, in an experiment of its own, searching the detector's parts (neck,
+# head, box loss, assigner, label smoothing, mixup) beside the compound space. Its first trials are the paper's
+# rule at phi 0 and the anchor-free head, so that both heads are on the table from the start.
+DETECTOR_DEMO_SEARCH = {
+    "name": "shapes-detector-demo",
+    "search": {"space": ["compound", "detector"], "bounds": {"compound": {"preset": "cpu"}},
+               "enqueue": ["rule:0", {"head": "center"}]},
+}
+
 DEMO_PROMOTE_GFLOPS = 0.15
 
 
-def prepare_demo(folder: Path) -> Path:
+def prepare_demo(folder: Path, *, detector: bool = False) -> Path:
     """Write the shapes dataset (once) and the demo job file into folder; returns the job file."""
     from trainers.shapes import make_shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "shapes" / "val" / "annotations.json").exists():
         make_shapes(folder / "shapes")
-    job_file = folder / "demo-job.yaml"
-    job_file.write_text(DEMO_JOB)
+    job_file = folder / ("demo-detector-job.yaml" if detector else "demo-job.yaml")
+    text = DEMO_JOB
+    if detector:
+        import yaml
+
+        raw = yaml.safe_load(DEMO_JOB)
+        raw["name"] = DETECTOR_DEMO_SEARCH["name"]
+        raw["search"].update(DETECTOR_DEMO_SEARCH["search"])
+        text = ("# The demo job with the detector space beside the compound space (effsearch demo --detector).\n"
+                + yaml.safe_dump(raw, sort_keys=False))
+    job_file.write_text(text)
     return job_file
 
 
-def demo_job(folder: Path, *, trials: int | None = None, epochs: int | None = None) -> tuple[Path, Job]:
+def demo_job(folder: Path, *, trials: int | None = None, epochs: int | None = None,
+             detector: bool = False) -> tuple[Path, Job]:
     from dataclasses import replace
 
-    job_file = prepare_demo(folder)
+    job_file = prepare_demo(folder, detector=detector)
     job = load_job(job_file)
     if trials:
         job = replace(job, search=replace(job.search, trials=trials))

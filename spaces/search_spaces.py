@@ -10,6 +10,7 @@ import optuna
 from spaces.bifpn import bifpn, bifpn_bounds
 from spaces.bifpn import preset_params as bifpn_preset_params
 from spaces.compound import compound, compound_bounds, rule_params
+from spaces.detector import detector, detector_bounds
 from spaces.presets import PRESETS, preset
 from spaces.training import training, training_bounds
 from trainers.typed import ConfigError
@@ -87,9 +88,11 @@ def efficientdet(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> 
 # Model spaces each propose a whole model; `training` proposes how it trains, beside exactly one of them.
 MODEL_SPACES: dict[str, Space] = {"compound": compound, "bifpn": bifpn, "lite_cpu": lite_cpu,
                                   "efficientdet": efficientdet}
-SPACES: dict[str, Space] = {**MODEL_SPACES, "training": training}
+# The others compose beside exactly one model space: how it trains, and which detector parts it is built with.
+SPACES: dict[str, Space] = {**MODEL_SPACES, "training": training, "detector": detector}
 # The spaces that take bounds, and how each reads them.
-_BOUNDS = {"compound": compound_bounds, "bifpn": bifpn_bounds, "training": training_bounds}
+_BOUNDS = {"compound": compound_bounds, "bifpn": bifpn_bounds, "training": training_bounds,
+           "detector": detector_bounds}
 
 
 class ComposedSpace:
@@ -109,7 +112,7 @@ class ComposedSpace:
 
 
 def space_names(space: str | list[str], where: str = "job.search.space") -> list[str]:
-    """The names a job's search.space composes: one model space, and optionally training beside it."""
+    """The names a job's search.space composes: one model space, and optionally training and detector beside it."""
     names = [space] if isinstance(space, str) else list(space) if isinstance(space, (list, tuple)) else None
     if not names or not all(isinstance(name, str) for name in names):
         raise ConfigError(f"{where}: expected a space name or a list of them, got {space!r}")
@@ -121,7 +124,8 @@ def space_names(space: str | list[str], where: str = "job.search.space") -> list
     models = [name for name in names if name in MODEL_SPACES]
     if len(models) != 1:
         raise ConfigError(f"{where}: {names} must hold exactly one model space ({', '.join(MODEL_SPACES)}); "
-                          f"training searches how that model trains, e.g. [bifpn, training]")
+                          f"training and detector search how that model trains and which parts it has, "
+                          f"e.g. [compound, detector, training]")
     return names
 
 

@@ -32,6 +32,16 @@ def test_ints_are_accepted_for_floats():
     ("fusion", "concat", "fusion: must be one of"),
     ("focal_alpha", 1.5, "focal_alpha: must be in (0, 1)"),
     ("bn_momentum", 0, "bn_momentum: must be in (0, 1]"),
+    ("neck", "nasfpn", "neck: must be one of ('bifpn', 'pan', 'fpn')"),
+    ("head", "fcos", "head: must be one of ('anchor', 'center')"),
+    ("center_level", 6, "center_level: must be a neck level in [3, 5]"),
+    ("assigner", "simota", "assigner: must be one of ('iou', 'atss')"),
+    ("match_threshold", 0, "match_threshold: must be in (0, 1]"),
+    ("unmatched_threshold", 0.7, "unmatched_threshold: must be in (0, match_threshold = 0.5]"),
+    ("atss_topk", 0, "atss_topk: must be in [1, 64]"),
+    ("box_loss", "l1", "box_loss: must be one of ('huber', 'giou', 'diou', 'ciou')"),
+    ("iou_loss_weight", -1, "iou_loss_weight: must be > 0"),
+    ("label_smoothing", 0.5, "label_smoothing: must be in [0, 0.5)"),
 ])
 def test_bad_values_name_the_field(field, value, fragment):
     with pytest.raises(SpecError) as err:
@@ -46,6 +56,8 @@ def test_bad_values_name_the_field(field, value, fragment):
     ({**GOOD, "image_size": "256"}, "spec.image_size: must be an integer, got '256'"),
     ({**GOOD, "backbone_width": True}, "spec.backbone_width: must be a number"),
     ({**GOOD, "fusion": 3}, "spec.fusion: must be a string"),
+    ({**GOOD, "neck": None}, "spec.neck: must be a string"),
+    ({**GOOD, "atss_topk": 4.5}, "spec.atss_topk: must be an integer"),
     ([1, 2], "spec: expected a mapping"),
 ])
 def test_wrong_shapes_name_the_key(data, fragment):

@@ -16,7 +16,7 @@ from trainers.checkpoint import categories_of, load_checkpoint, save_checkpoint
 from trainers.cost import latency_ms, model_cost
 from trainers.data import CocoDetection, Collate, EpochSampler, to_model_input
 from trainers.evaluate import CocoEvaluator, evaluate_all
-from trainers.model import anchor_labeler, build_model, predict_bench, train_bench
+from trainers.model import build_model, labeler, predict_bench, train_bench
 from trainers.recipe import Placement, TrainConfig, autocast_dtype, build_optimizer, build_schedule, placement
 from trainers.spec import ModelSpec
 from trainers.syncbn import convert_sync_batchnorm
@@ -72,8 +72,9 @@ def build_modules(plan: TrialPlan, device: torch.device, world_size: int) -> Tra
     if recipe.channels_last and cuda:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema else None
-    predictors = {"raw": predict_bench(model), **({"ema": predict_bench(ema.module)} if ema else {})}
-    return TrainingModules(model, ema, train_bench(model, labels_in_batch=True), predictors)
+    predictors = {"raw": predict_bench(model, plan.spec),
+                  **({"ema": predict_bench(ema.module, plan.spec)} if ema else {})}
+    return TrainingModules(model, ema, train_bench(model, plan.spec), predictors)
 
 
 def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, local_world_size: int = 1,
@@ -222,7 +223,8 @@ def data_loaders(plan: TrialPlan, model, place: Placement, rank: int, world_size
     sampler = EpochSampler(_train_sampler(train_set, recipe, rank, world_size))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=Collate(anchor_labeler(model)), generator=generators[0], **workers)
+        collate_fn=Collate(labeler(plan.spec, model), mixup_prob=recipe.mixup_prob, mixup_alpha=recipe.mixup_alpha,
+                           seed=recipe.seed), generator=generators[0], **workers)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=recipe.batch_size,
                                              collate_fn=Collate(), generator=generators[1], **workers)
     return train_set, val_set, sampler, train_loader, val_loader

@@ -1,17 +1,19 @@
-"""Turns a ModelSpec into an effdet config and model; the only place that knows effdet's config keys."""
+"""Turns a ModelSpec into an effdet config and model, and the benches and labeler its head trains with."""
 from __future__ import annotations
 
 import torch
-from effdet import DetBenchPredict, DetBenchTrain, EfficientDet
+from effdet import DetBenchPredict, EfficientDet
 from effdet.anchors import Anchors
 from effdet.config import get_efficientdet_config
-from effdet.config.fpn_config import get_fpn_config
 
 from trainers import backbones
 from trainers.anchors import BatchAnchorLabeler
+from trainers.centernet import CenterLabeler, CenterNet, CenterPredictBench, CenterTrainBench
+from trainers.losses import AnchorTrainBench
+from trainers.necks import neck_config
 from trainers.spec import ModelSpec
 
-_FPN_NAMES = {"fastattn": "bifpn_fa", "attn": "bifpn_attn", "sum": "bifpn_sum"}
+_FUSION_SUFFIX = {"fastattn": "fa", "attn": "attn", "sum": "sum"}  # as effdet names its fpn configs
 
 
 def effdet_config(spec: ModelSpec):
@@ -38,7 +40,7 @@ def effdet_config(spec: ModelSpec):
         fpn_channels=spec.fpn_channels,
         fpn_cell_repeats=spec.fpn_repeats,
         box_class_repeats=spec.head_repeats,
-        fpn_name=_FPN_NAMES[spec.fusion],
+        fpn_name=f"{spec.neck}_{_FUSION_SUFFIX[spec.fusion]}",  # a label only: fpn_config below is what builds
         # PyTorch-style padding: the backbone generator is timm's non-"tf_" EfficientNet.
         pad_type="",
         redundant_bias=False,
@@ -50,32 +52,44 @@ def effdet_config(spec: ModelSpec):
         # topk over anchors x classes must not ask for more points than exist at small inputs.
         max_detection_points=min(5000, num_anchors * spec.num_classes),
     )
-    config.fpn_config = get_fpn_config(config.fpn_name, min_level=spec.min_level, max_level=spec.max_level)
+    config.fpn_config = neck_config(spec.neck, spec.fusion, spec.min_level, spec.max_level)
     return config
 
 
 def build_model(spec: ModelSpec) -> EfficientDet:
-    """The raw EfficientDet network (per-level class and box outputs), randomly initialised, nothing downloaded."""
+    """The raw network, randomly initialised, nothing downloaded: effdet's EfficientDet (per-level class and
+    box outputs) for the anchor head, CenterNet (a heatmap and box regression at one level) for the center head."""
+    if spec.head == "center":
+        return CenterNet(effdet_config(spec), spec.center_level)
     return EfficientDet(effdet_config(spec), pretrained_backbone=False)
 
 
-def train_bench(model: EfficientDet, *, labels_in_batch: bool = False) -> DetBenchTrain:
-    """effdet's training wrapper: focal/box loss, and anchor labelling unless the batches carry the labels."""
-    return DetBenchTrain(model, create_labeler=not labels_in_batch).to(_device_of(model))
+def train_bench(model: EfficientDet, spec: ModelSpec) -> torch.nn.Module:
+    """The training wrapper of the spec's head, for batches that carry the labels of `labeler`: forward(images,
+    targets) returns {"loss", "class_loss", "box_loss"}."""
+    bench = CenterTrainBench(model) if spec.head == "center" else AnchorTrainBench(model, spec)
+    return bench.to(_device_of(model))
 
 
-def anchor_labeler(model: EfficientDet) -> BatchAnchorLabeler:
-    """Labels batches in the data loader by the rules of the labeler DetBenchTrain would build."""
-    return BatchAnchorLabeler(Anchors.from_config(model.config), model.config.num_classes, match_threshold=0.5)
+def labeler(spec: ModelSpec, model: EfficientDet):
+    """Labels whole batches in the data loader for the spec's head and assigner (trainers/anchors.py,
+    trainers/centernet.py): called with boxes, classes and optional per-box weights."""
+    if spec.head == "center":
+        return CenterLabeler(model.config, spec.center_level)
+    return BatchAnchorLabeler(Anchors.from_config(model.config), spec.num_classes,
+                              match_threshold=spec.match_threshold, unmatched_threshold=spec.unmatched_threshold,
+                              assigner=spec.assigner, atss_topk=spec.atss_topk)
 
 
-def predict_bench(model: EfficientDet) -> DetBenchPredict:
-    """effdet's prediction wrapper: decode + NMS, returning x1,y1,x2,y2,score,class rows.
+def predict_bench(model: EfficientDet, spec: ModelSpec) -> torch.nn.Module:
+    """The prediction wrapper of the spec's head: forward(images, {"img_scale", "img_size"}) returns
+    x1,y1,x2,y2,score,class rows in original pixels. For the anchor head that is effdet's (decode + NMS).
 
     effdet builds the bench's anchor boxes on the CPU whatever the model's device; a CUDA model would then
     index CPU anchors with CUDA indices at its first evaluation. So the bench moves to the model's device.
     """
-    return DetBenchPredict(model).to(_device_of(model))
+    bench = CenterPredictBench(model) if spec.head == "center" else DetBenchPredict(model)
+    return bench.to(_device_of(model))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -11,6 +11,7 @@ from effdet.data.transforms import ResizePad
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from trainers.annotations import LabelMap
+from trainers.centernet import decode as decode_centers
 from trainers.data import FILL_COLOR, to_model_input
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
@@ -62,7 +63,8 @@ def on_device(graph: torch.fx.GraphModule, device: torch.device) -> torch.fx.Gra
 
 
 class Detector:
-    """The raw network's graph plus what effdet's DetBenchPredict adds around it: anchors, top-k, decode, NMS."""
+    """The raw network's graph plus what the head's prediction bench adds around it: for the anchor head
+    effdet's anchors, top-k, decode and NMS; for the center head trainers/centernet.py's peak decoding."""
 
     def __init__(self, graph: torch.nn.Module, spec: ModelSpec, categories: list[dict], device: torch.device):
         if len(categories) != spec.num_classes:
@@ -72,7 +74,7 @@ class Detector:
         self.labels = LabelMap(tuple(int(c["id"]) for c in categories))
         self.names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
         self.config = effdet_config(spec)
-        self.anchors = Anchors.from_config(self.config).to(device)
+        self.anchors = Anchors.from_config(self.config).to(device) if spec.head == "anchor" else None
         self.resize = ResizePad(spec.image_size, interpolation="bilinear", fill_color=FILL_COLOR)
 
     def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
@@ -94,12 +96,17 @@ class Detector:
         img_size = torch.tensor([image.size for image in images], dtype=torch.float32, device=self.device)  # w, h
         class_out, box_out = self.graph(x)
         c = self.config
-        class_out, box_out, indices, classes = _post_process(
-            class_out, box_out, num_levels=c.num_levels, num_classes=c.num_classes,
-            max_detection_points=c.max_detection_points)
-        detections = _batch_detection(len(images), class_out, box_out, self.anchors.boxes, indices, classes,
-                                      img_scale, img_size, max_det_per_image=c.max_det_per_image,
-                                      soft_nms=c.soft_nms).float().cpu().numpy()
+        if self.spec.head == "center":
+            detections = decode_centers(class_out, box_out, stride=2 ** self.spec.center_level, img_scale=img_scale,
+                                        img_size=img_size, max_det=c.max_det_per_image)
+        else:
+            class_out, box_out, indices, classes = _post_process(
+                class_out, box_out, num_levels=c.num_levels, num_classes=c.num_classes,
+                max_detection_points=c.max_detection_points)
+            detections = _batch_detection(len(images), class_out, box_out, self.anchors.boxes, indices, classes,
+                                          img_scale, img_size, max_det_per_image=c.max_det_per_image,
+                                          soft_nms=c.soft_nms)
+        detections = detections.float().cpu().numpy()
         rows = []
         for dets in detections:
             dets = dets[dets[:, 4] > 0]  # effdet pads with all-zero rows
