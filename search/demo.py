@@ -35,12 +35,14 @@ resources:
 """
 
 # `effsearch demo --detector`: the same job, in an experiment of its own, searching the detector's parts (neck,
-# head, box loss, assigner, label smoothing, mixup) beside the compound space. Its first trials are the paper's
-# rule at phi 0 and the anchor-free head, so that both heads are on the table from the start.
+# head, box loss, assigner, label smoothing, mixup) beside the compound space. Its first trials are EfficientDet's
+# own parts and the anchor-free head, each at a size the sampler picks, so both heads are on the table from the start.
+EFFDET_PARTS = {"head": "anchor", "neck": "bifpn", "box_loss": "huber", "assigner": "iou", "label_smoothing": 0.0,
+                "mixup_prob": 0.0}
 DETECTOR_DEMO_SEARCH = {
     "name": "shapes-detector-demo",
     "search": {"space": ["compound", "detector"], "bounds": {"compound": {"preset": "cpu"}},
-               "enqueue": ["rule:0", {"head": "center"}]},
+               "enqueue": [EFFDET_PARTS, {"head": "center"}]},
 }
 
 DEMO_PROMOTE_GFLOPS = 0.15

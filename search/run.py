@@ -229,7 +229,10 @@ def _sampler(job: Job) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():  # multivariate TPE and PartialFixedSampler are "experimental", for years
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if job.search.sampler == "tpe":
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+            # group: a parameter proposed only on some branches (the detector space's box loss, with the
+            # anchor head) is modelled with the parameters it occurs with, not sampled independently with a
+            # warning per trial. A space without branches is one group: multivariate TPE as before.
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True)
         elif job.search.sampler == "gp":
             sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
         elif job.search.sampler == "nsga2":

@@ -1,6 +1,7 @@
 """A Tune callback that writes every trial as an MLflow child run of the search; the driver is the only writer."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -185,11 +186,15 @@ def trial_params(config: dict, num_classes: int | None = None, train_settings: d
             **{f"search.{k}": v for k, v in searched.items()}}
 
 
+DETECTOR_PARTS = ("head", "neck", "box_loss", "assigner")
+DETECTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name in DETECTOR_PARTS}
+
+
 def run_name(number: int | None, trial_id: str, config: dict) -> str:
     """A name to read in the UI's run list: the trial's Optuna number (else its Tune id: after --resume, Tune
     unpickles this logger with the searcher as it was at the start, which knows no newer trial), phi where the
     space has one, and the network's size (input, backbone width and depth, BiFPN width x repeats), e.g.
-    t007-phi0.5-r384-w0.80d0.90-f88x4."""
+    t007-phi0.5-r384-w0.80d0.90-f88x4, and the detector parts that are not EfficientDet's own (-center, -pan-giou)."""
     spec = config.get("spec", {})
     parts = [f"t{number:03d}" if number is not None else trial_id]
     if "phi" in config:
@@ -197,4 +202,5 @@ def run_name(number: int | None, trial_id: str, config: dict) -> str:
     if spec:
         parts.append(f"r{spec.get('image_size')}-w{float(spec.get('backbone_width', 0)):.2f}"
                      f"d{float(spec.get('backbone_depth', 0)):.2f}-f{spec.get('fpn_channels')}x{spec.get('fpn_repeats')}")
+    parts.extend(str(spec[key]) for key in DETECTOR_PARTS if key in spec and spec[key] != DETECTOR_DEFAULTS[key])
     return "-".join(parts)

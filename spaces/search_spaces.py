@@ -159,16 +159,26 @@ def space_label(space: str | list[str]) -> str:
     return space if isinstance(space, str) else " + ".join(space)
 
 
+# A space may propose a parameter only on some branches (the detector space's box loss only with the anchor
+# head): this many random draws see every branch of a few binary choices (a branch of probability 1/2 is
+# missed with probability 2**-32).
+PARAMETER_DRAWS = 32
+
+
 def space_parameters(space: Space) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The space's parameters and their distributions, found by running it once on a throwaway trial."""
+    """The space's parameters and their distributions, found by running it on throwaway trials."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # an in-memory study announces itself at INFO
     try:
-        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     finally:
         optuna.logging.set_verbosity(verbosity)
-    space(trial)
-    return dict(trial.distributions)
+    found: dict[str, optuna.distributions.BaseDistribution] = {}
+    for _ in range(PARAMETER_DRAWS):
+        trial = study.ask()
+        space(trial)
+        found.update(trial.distributions)
+    return found
 
 
 def fixed_value_problems(space: str | list[str], fixed: dict[str, Any], bounds: dict | None = None) -> list[str]:

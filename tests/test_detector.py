@@ -5,7 +5,7 @@ import optuna
 import pytest
 
 from search.cli import main
-from spaces.detector import DetectorBounds, choice_costs, detector, detector_bounds
+from spaces.detector import DetectorBounds, choice_costs, detector
 from spaces.search_spaces import enqueued_params, make_space, space_parameters
 from spaces.presets import preset
 from trainers.spec import ModelSpec
