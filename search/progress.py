@@ -28,8 +28,10 @@ class ProgressPrinter(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec = trial.config.get("spec", {})
+        # The detector space's parts appear only where the space chose them.
         shape = ", ".join(f"{k}={spec[k]}" for k in ("image_size", "backbone_width", "backbone_depth",
-                                                      "fpn_channels", "fpn_repeats") if k in spec)
+                                                      "fpn_channels", "fpn_repeats", "neck", "head", "box_loss",
+                                                      "assigner") if k in spec)
         self._say(f"{self._name(trial)} started: {shape}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

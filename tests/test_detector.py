@@ -99,3 +99,19 @@ def test_describe_choices_prints_each_choice(tmp_path, capsys):
     assert main(["describe", str(bad)]) != 0
     err = capsys.readouterr().err
     assert f"{bad}.neck: must be one of" in err and "Traceback" not in err
+
+
+def test_a_trials_start_line_names_its_detector_parts_where_the_space_chose_them():
+    import io
+    from types import SimpleNamespace
+
+    from search.progress import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(total_trials=2, total_epochs=1, stream=out)
+    printer.on_trial_start(0, [], SimpleNamespace(trial_id="a", config={"spec": {
+        "image_size": 160, "fpn_channels": 48, "neck": "fpn", "head": "center"}}))
+    printer.on_trial_start(0, [], SimpleNamespace(trial_id="b", config={"spec": {"image_size": 192}}))
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("trial 1/2 started: image_size=160, fpn_channels=48, neck=fpn, head=center")
+    assert second.endswith("trial 2/2 started: image_size=192")
