@@ -58,10 +58,35 @@ def trained_shapes_model(tmp_path_factory):
             "shapes": paths}
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def empty_mlflow_store(folder: Path) -> str:
+    """The URI of the SQLite MLflow store folder/mlflow.db, new and empty unless it is there already. A new one is
+    a copy of an empty store that MLflow created once for the session: MLflow runs
+    its schema migrations when it creates a store, about 5 s each on 2 cores, and every search test makes one."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    if not _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates it
+        atexit.register(shutil.rmtree, template.parent, True)
+        _STORE_TEMPLATE.append(template)
+    db = Path(folder) / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     """A real SQLite MLflow store in a temporary folder, selected the standard way."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import mlflow
 
@@ -78,7 +103,7 @@ def searched_store(folder, raw_job):
     from search.job import parse_job
     from search.run import run_search
 
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     try:

@@ -17,6 +17,7 @@ import pytest
 
 from search.states import COMPLETE, FAILED, PRUNED, STATE_TAG
 from search.tracking import PARENT_TAG
+from conftest import empty_mlflow_store
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "install them with: sudo apt-get install chromium chromium-driver"
@@ -65,7 +66,7 @@ def store(browser_binaries, tmp_path_factory, shapes):
     from search.run import run_search
 
     folder = tmp_path_factory.mktemp("browser-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     points = [{"image_size": 128, "fpn_channels": channels, "fpn_repeats": 1, "head_repeats": 1, "fusion": "sum"}
               for channels in OUTCOMES]
     raw = {"name": "browser", "data": {"train": shapes["train"], "val": shapes["val"]},

@@ -63,7 +63,7 @@ def test_ui_serves_the_tracking_store_on_loopback(tmp_path, mlflow_uri):
                 url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10"
                 body = json.loads(urllib.request.urlopen(url, timeout=5).read())
             except OSError:
-                time.sleep(1)
+                time.sleep(0.25)
         assert body is not None, "the MLflow UI did not answer within 90 s"
         assert "visible-in-ui" in {e["name"] for e in body["experiments"]}
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()

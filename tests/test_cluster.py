@@ -1,5 +1,4 @@
 """Searches on a real multi-node Ray cluster on this machine (ray.cluster_utils), with fake GPU resources."""
-import contextlib
 import json
 import os
 import time
@@ -11,6 +10,7 @@ from ray.cluster_utils import Cluster
 from ray.tune import Callback
 
 from conftest import start_cluster
+from conftest import empty_mlflow_store
 from search.job import parse_job
 from search.run import run_search
 from search.trainable import run_trial
@@ -46,37 +46,40 @@ def _placed_trial(config, *, setup):
     run_trial(config, setup=replace(setup, worker_loop=_report_placement, torch_backend="gloo"))
 
 
-@contextlib.contextmanager
-def _head_and_two_nodes(monkeypatch, **node):
+@pytest.fixture(scope="module")
+def two_nodes():
     """A head that offers no CPU, as in cluster.yaml (whatever a trial reserves lands on the worker nodes), and two
-    worker nodes of `node` resources; the search reaches it through RAY_ADDRESS."""
-    cluster = start_cluster(num_cpus=0)
-    try:
-        for _ in range(2):
-            cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    worker nodes of 4 CPUs and 4 fake GPUs each; the searches reach it through RAY_ADDRESS. One cluster for the
+    module: the placement test uses it whole, and the lost-node test, which comes last, removes one of its nodes.
+    Its Ray temp folder is its own (short: Ray's socket paths must fit 107 characters), so that its address file
+    is not the machine's."""
+    import shutil
+    import tempfile
 
-
-@pytest.fixture
-def two_gpu_nodes(ray_tmpdir, monkeypatch):
-    """Two worker nodes of 4 CPUs and 4 fake GPUs each."""
-    with _head_and_two_nodes(monkeypatch, num_cpus=4, num_gpus=4) as cluster:
-        yield cluster
+    folder = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", folder)
+        cluster = start_cluster(num_cpus=0)
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=4, num_gpus=4)
+            cluster.wait_for_nodes()
+            patch.setenv("RAY_ADDRESS", cluster.address)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked(
-        tmp_path, shapes, two_gpu_nodes, monkeypatch, module_by_value):
+        tmp_path, shapes, two_nodes, monkeypatch, module_by_value):
     """4 trials of 2 workers x 1 GPU side by side fill two nodes of 4 GPUs and 4 CPUs. When each trial's driver
     reserved 0.01 CPU on a GPU node, a trial's workers no longer fit beside another's and were split over both
     nodes."""
-    gpu_nodes = {node.node_id for node in two_gpu_nodes.worker_nodes}
+    gpu_nodes = {node.node_id for node in two_nodes.worker_nodes}
     _PLACEMENTS["folder"] = str(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path))
     raw = {"name": "gpus", "data": {"train": shapes["train"], "val": shapes["val"]},
            "search": {"space": "lite_cpu", "trials": 4, "max_concurrent_trials": 4, "scheduler": "fifo"},
            "train": {"epochs": 1},
@@ -144,31 +147,25 @@ class _KillNodeMidSearch(Callback):
         return None
 
 
-@pytest.fixture
-def two_cpu_nodes(ray_tmpdir, monkeypatch):
-    """Two worker nodes of 2 CPUs each, for real training."""
-    with _head_and_two_nodes(monkeypatch, num_cpus=2) as cluster:
-        yield cluster
-
-
 def test_a_lost_node_costs_no_finished_trial_and_its_trials_continue_from_their_checkpoints(
-        tmp_path, shapes, two_cpu_nodes, monkeypatch):
+        tmp_path, shapes, two_nodes, monkeypatch):
     """A worker node dies in the middle of a real search (real training, resources.max_failures at its default,
     1): the trials it ran restart on the other node from their last checkpoint, the search ends with every trial
-    it asked for, and the trials that had finished keep their one MLflow run and their results."""
+    it asked for, and the trials that had finished keep their one MLflow run and their results. On the module's
+    cluster (its GPUs unused here: 1-CPU trials, two at a time), whose node it removes: this test comes last."""
     from mlflow.tracking import MlflowClient
 
     from search.states import COMPLETE, STATE_TAG
     from search.tracking import PARENT_TAG, TRIAL_ID_TAG
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     raw = {"name": "lost-node", "data": {"train": shapes["train"], "val": shapes["val"]},
            "search": {"space": "lite_cpu", "trials": 3, "max_concurrent_trials": 2, "scheduler": "fifo",
                       "sampler": "random"},
            "train": {"epochs": 3, "batch_size": 8, "eval_every": 1},
            "resources": {"cpus_per_worker": 1}}
-    killer = _KillNodeMidSearch(two_cpu_nodes)
+    killer = _KillNodeMidSearch(two_nodes)
     outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None, callbacks=[killer])
 
     assert killer.killed_trials, "no node was removed while a trial ran on it"
@@ -183,4 +180,4 @@ def test_a_lost_node_costs_no_finished_trial_and_its_trials_continue_from_their_
             assert by_trial[trial_id].data.metrics["resumed_from_epoch"] >= 1
     for trial_id, ap in killer.finished.items():
         assert by_trial[trial_id].data.metrics["map"] == pytest.approx(ap)
-    assert len(two_cpu_nodes.worker_nodes) == 1
+    assert len(two_nodes.worker_nodes) == 1

@@ -16,6 +16,7 @@ from search.job import JobError
 from search.searcher import Budget
 from search.states import STATE_TAG
 from search.tracking import PARENT_TAG, TRIAL_ID_TAG
+from conftest import empty_mlflow_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,16 +68,22 @@ def test_a_warm_started_search_begins_with_the_first_searchs_trials_and_does_not
     it: its study begins with the first's 8 complete trials, and TPE, past its 2 random start-up trials already,
     proposes from the start toward the cheap, accurate corner the first search found, and trains none of the
     first search's configurations again."""
+    import ray
     from test_search import _raw, _search_with_instant_trials
 
+    from search.ray_runtime import start_ray
     from search.searcher import CostCounter
 
     first_raw = _raw(shapes, "cold", search={"space": "compound", "bounds": {"preset": "cpu"}, "trials": 8,
                                              "sampler": "random", "scheduler": "fifo"}, train={"epochs": 1})
-    _, first_specs, first = _search_with_instant_trials(tmp_path, first_raw)
     raw = _raw(shapes, "warm", search={"space": "compound", "bounds": {"preset": "cpu"}, "trials": 4,
                                        "scheduler": "fifo"}, train={"epochs": 1})
-    outcome, specs, study = _search_with_instant_trials(tmp_path, raw, warm_start_from="cold")
+    start_ray(None)  # one local Ray, as a search starts it, for both searches: each joins it
+    try:
+        _, first_specs, first = _search_with_instant_trials(tmp_path, first_raw)
+        outcome, specs, study = _search_with_instant_trials(tmp_path, raw, warm_start_from="cold")
+    finally:
+        ray.shutdown()
     copied = [t for t in study.trials if WARM_START_ATTR in t.user_attrs]
     assert [t.number for t in copied] == list(range(8))  # the study begins with them
     assert sorted(map(tuple, (t.values for t in copied))) == sorted(map(tuple, (t.values for t in first.trials)))
@@ -112,7 +119,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
            "search": {"space": "lite_cpu", "trials": 3, "scheduler": "fifo", "sampler": "random", "seed": 1},
            "train": {"epochs": 3, "eval_every": 1}, "resources": {"cpus_per_worker": 1}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
     command = [sys.executable, "-m", "search.cli", "search", "job.yaml"]
@@ -122,7 +129,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
     deadline, killed = time.monotonic() + 600, []
     try:
         while time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(2)
+            time.sleep(0.5)
             experiment = client.get_experiment_by_name("resumed")
             if experiment is None:
                 continue

@@ -6,10 +6,19 @@ from search.tracking import PARENT_TAG
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(tmp_path_factory, shapes):
+def small(tmp_path_factory):
+    """16 training images and 4 to score: two batches of 4 per rank an epoch, and two images for each rank to
+    score."""
+    from trainers.shapes import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("small"), train_images=16, val_images=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, small):
     raw = {
         "name": "two-workers",
-        "data": {"train": shapes["train"], "val": shapes["val"]},
+        "data": {"train": small["train"], "val": small["val"]},
         "search": {"space": "lite_cpu", "trials": 1, "seed": 0},
         "train": {"epochs": 2, "batch_size": 4, "eval_every": 1},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
@@ -20,7 +29,7 @@ def two_worker_run(tmp_path_factory, shapes):
         yield outcome, client, runs
 
 
-def test_trial_trains_on_two_disjoint_shards(two_worker_run, shapes):
+def test_trial_trains_on_two_disjoint_shards(two_worker_run):
     outcome, client, runs = two_worker_run
     assert outcome.finished == 1 and len(runs) == 1
     run = runs[0]
@@ -30,13 +39,13 @@ def test_trial_trains_on_two_disjoint_shards(two_worker_run, shapes):
         assert len(history) == 2, step_metric
     assert {m.value for m in client.get_metric_history(run.info.run_id, "world_size")} == {2}
     assert {m.value for m in client.get_metric_history(run.info.run_id, "shard_overlap")} == {0}
-    # 32 training images, 16 per rank, two batches of 4 per rank per step: all 32 seen each epoch.
-    assert {m.value for m in client.get_metric_history(run.info.run_id, "train_images")} == {32}
+    # 16 training images, 8 per rank, two batches of 4 per rank: all 16 seen each epoch.
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "train_images")} == {16}
 
 
-def test_evaluation_gathers_every_rank(two_worker_run, shapes):
+def test_evaluation_gathers_every_rank(two_worker_run):
     outcome, client, runs = two_worker_run
     history = client.get_metric_history(runs[0].info.run_id, "eval_images")
-    # 12 validation images, split 6 and 6 across the ranks, all scored by rank 0.
-    assert [m.value for m in history] == [12, 12]
+    # 4 validation images, split 2 and 2 across the ranks, all scored by rank 0.
+    assert [m.value for m in history] == [4, 4]
     assert 0.0 <= runs[0].data.metrics["map"] <= 1.0

@@ -12,6 +12,7 @@ from search.job import parse_job
 from search.promote import PREVIOUS, PRODUCTION, PromotionRefused, promote, rollback
 from search.states import COMPLETE, FAILED, INFEASIBLE, PRUNED, STATE_TAG
 from search.tracking import FRONTIER_TAG, MODEL_URI_TAG, PARENT_TAG
+from conftest import empty_mlflow_store
 
 NAME = "promote-test"
 # With seed 1 the sampler's first proposal is over this budget (tests/test_search.py): an infeasible run.
@@ -76,7 +77,7 @@ def store(tmp_path_factory, shapes):
                       "max_gflops": BUDGET},
            "train": {"epochs": 2}, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
            "storage_path": str(folder / "trials")}
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module

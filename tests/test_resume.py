@@ -15,6 +15,7 @@ from ray.train.torch import TorchTrainer
 from trainers.loop import TrialPlan, fit, train_worker
 from trainers.recipe import TrainConfig
 from trainers.spec import ModelSpec
+from conftest import empty_mlflow_store
 
 SPEC = ModelSpec(num_classes=3, backbone_family="efficientnet_lite", backbone_width=0.5, backbone_depth=0.5,
                  image_size=128, max_level=5, anchor_scale=1.5, fpn_channels=32, fpn_repeats=1, head_repeats=2,
@@ -70,32 +71,44 @@ def _kill_when(ready, marker: str, done: threading.Event) -> list[int]:
     return killed
 
 
-def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(shapes, tmp_path):
-    plan = TrialPlan(SPEC, training_data(shapes), RECIPE)
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for both tests, started as a search starts its own (search.ray_runtime.start_ray), so the
+    second test's search joins it; as this process's child, its workers are what _descendant_pids finds."""
+    from search.ray_runtime import start_ray
+
+    start_ray(None)
+    yield
+    ray.shutdown()
+
+
+def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, local_ray):
+    from trainers.shapes import make_shapes
+
+    # Two batches of 8 an epoch and 4 images to score: the run is trained twice (uninterrupted, then killed and
+    # resumed), and what is compared does not depend on how many images an epoch holds.
+    small = make_shapes(tmp_path / "shapes", train_images=16, val_images=4, seed=3)
+    plan = TrialPlan(SPEC, training_data(small), RECIPE)
     uninterrupted = fit(plan, lambda metrics, checkpoint: None)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name="resume", storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    done = threading.Event()
+    killed: list[int] = []
+    killer = threading.Thread(target=lambda: killed.extend(_kill_when(
+        lambda: _registered_checkpoints(tmp_path / "resume") >= 2, "RayTrainWorker", done)))
+    killer.start()
     try:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"plan": plan},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(
-                name="resume", storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=1),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        )
-        done = threading.Event()
-        killed: list[int] = []
-        killer = threading.Thread(target=lambda: killed.extend(_kill_when(
-            lambda: _registered_checkpoints(tmp_path / "resume") >= 2, "RayTrainWorker", done)))
-        killer.start()
-        try:
-            result = trainer.fit()
-        finally:
-            done.set()
-            killer.join()
+        result = trainer.fit()
     finally:
-        ray.shutdown()
+        done.set()
+        killer.join()
 
     assert killed, "the worker was never killed"
     final = result.metrics
@@ -107,7 +120,7 @@ def test_killed_worker_continues_from_its_checkpoint_and_ends_like_an_uninterrup
         assert final[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
 
 
-def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tmp_path, monkeypatch):
+def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tmp_path, monkeypatch, local_ray):
     """A one-worker trial trains in its Tune trial: killing that process after its checkpoints began makes Tune
     restart the trial (resources.max_failures: 1), which continues from that checkpoint and completes, in one
     MLflow run."""
@@ -122,7 +135,7 @@ def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tm
            "search": {"space": "lite_cpu", "trials": 1, "scheduler": "fifo", "seed": 0},
            "train": {"epochs": 3, "batch_size": 8, "eval_every": 1},
            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 1}}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     done = threading.Event()
     killed: list[int] = []
@@ -135,11 +148,10 @@ def test_a_killed_one_worker_trial_continues_from_its_tune_checkpoint(shapes, tm
         lambda: any(trials.glob("kill-trial-*/*/checkpoint_000001")), "ImplicitFunc", done)))
     killer.start()
     try:
-        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)
+        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)  # on the module's Ray
     finally:
         done.set()
         killer.join()
-        ray.shutdown()
 
     assert killed, "the trial's process was never killed"
     client = MlflowClient(uri)

@@ -1,10 +1,11 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
+import contextlib
 import re
 from dataclasses import replace
 
 import pytest
 import ray
-from conftest import searched_store
+from conftest import empty_mlflow_store
 from ray import tune
 
 from search.frontier import complete_trials, compute_frontier
@@ -17,28 +18,370 @@ from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, MODEL_URI_TAG, PARENT
 # GFLOPs. With seed 1, the sampler's first random proposal costs 0.072 GFLOPs: over budget, so it never
 # becomes a trial.
 BUDGET = 0.06
-
-
 @pytest.fixture(scope="module")
 def search_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("search")
 
 
 @pytest.fixture(scope="module")
-def searched(search_folder, shapes):
-    raw = {
-        "name": "search-test",
-        "data": {"train": shapes["train"], "val": shapes["val"]},
-        "search": {"space": "lite_cpu", "trials": 3, "max_concurrent_trials": 2, "seed": 1, "max_gflops": BUDGET},
-        "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-    }
-    with searched_store(search_folder, raw) as (outcome, client):
-        yield outcome, client, parse_job(raw)
+def one_batch(tmp_path_factory):
+    """One batch of 8 training images and 4 to score: for the tests here that train for real, what they assert
+    (the runs, their metrics and states, the models) does not depend on how many images an epoch holds."""
+    from trainers.shapes import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("one-batch"), train_images=8, val_images=4, seed=3)
 
 
 def _children(client, outcome):
     return client.search_runs([outcome.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+
+
+def _raw(shapes, name, **sections):
+    """A test job on the shapes fixture, in the CPU-sized lite_cpu space unless its search section names one."""
+    search = {"space": "lite_cpu", **sections.pop("search", {})}
+    return {"name": name, "data": {"train": shapes["train"], "val": shapes["val"]}, "search": search, **sections}
+
+
+class _CrashOnFirstResult(tune.Callback):
+    """A fault in the driver's own loop (not in a trial): Tune's controller raises out of fit()."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        raise RuntimeError("the driver's loop broke")
+
+
+def test_a_crash_of_the_driver_loop_leaves_no_run_running(tmp_path, one_batch):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from search.run import run_search
+
+    raw = _raw(one_batch, "crash", search={"trials": 2, "max_concurrent_trials": 2},
+               train={"epochs": 3, "batch_size": 8}, resources={"cpus_per_worker": 1})
+    uri = empty_mlflow_store(tmp_path)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        with pytest.raises(Exception, match="driver's loop broke|Tune"):
+            run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                       callbacks=[_CrashOnFirstResult()])
+    finally:
+        ray.shutdown()
+        patch.undo()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("crash")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert len(runs) >= 2 and all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"batch_size": 64}}, r"32 images are fewer than one global batch \(train.batch_size, 64, x "
+                                    r"resources.workers_per_trial 1 = 64\)"),
+    # A searched batch size: its largest choice must fit, whatever train.batch_size says.
+    ({"search": {"space": ["lite_cpu", "training"], "bounds": {"training": {"batch_size": [8, 48]}}}},
+     r"32 images are fewer than one global batch \(the largest of the space's batch_size choices, 48, x "),
+    # Held by search.fixed: that value is the one that trains.
+    ({"search": {"space": ["lite_cpu", "training"], "bounds": {"training": {"batch_size": [8, 48]}},
+                 "fixed": {"batch_size": 48}}},
+     r"32 images are fewer than one global batch \(search.fixed.batch_size, 48, x "),
+    ({"data": "empty"}, r"annotations.json: the split has no images"),
+])
+def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path, shapes, change, message):
+    import json
+
+    import ray
+
+    from search.run import run_search
+    from trainers.validate import DataError
+
+    raw = _raw(shapes, "refused", **{k: v for k, v in change.items() if k != "data"})
+    if change.get("data") == "empty":
+        empty = tmp_path / "annotations.json"
+        empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+        raw["data"]["val"] = {"annotations": str(empty), "images": shapes["val"]["images"]}
+    with pytest.raises(DataError, match=message):
+        run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)
+    assert not ray.is_initialized()
+
+
+def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, one_batch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_raw(one_batch, "interrupted", search={"trials": 2, "max_concurrent_trials": 2},
+                                       train={"epochs": 20, "batch_size": 8, "eval_every": 1},
+                                       resources={"cpus_per_worker": 1})))
+    uri = empty_mlflow_store(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).parents[1])}
+    # Its own session, so that the clean-up below can reach every process this search started, by its group id.
+    search = subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(job)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        client, deadline, trained = MlflowClient(uri), time.monotonic() + 240, False
+        while not trained and time.monotonic() < deadline and search.poll() is None:
+            time.sleep(2)
+            experiment = client.get_experiment_by_name("interrupted") if (tmp_path / "mlflow.db").exists() else None
+            if experiment is not None:
+                runs = client.search_runs([experiment.experiment_id], filter_string="metrics.loss > 0")
+                trained = bool(runs)
+        assert trained, "no trial reported an epoch within 240 s"
+        search.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = search.communicate(timeout=120)
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+            search.wait()
+    assert search.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("effsearch: interrupted")
+    # Nothing a user cannot act on: Ray's token notice, the raylet's worker-count warning, a traceback.
+    assert "Token authentication" not in err and "Traceback" not in err
+    assert "PYTHON worker processes" not in out + err, (out + err)[-2000:]  # Ray prints the raylet's on stdout
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+    assert children and all(r.info.status in ("KILLED", "FAILED") for r in children)
+    assert all(r.data.tags[STATE_TAG] == FAILED for r in children)
+
+
+def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path):
+    """Each trial starts a burst of small actors (its driver, Train's controller, the workers, a report queue).
+    At Ray's default threshold, 4x the CPU count, the raylet then printed "N PYTHON worker processes have
+    been started ...", which a user cannot act on and Ray has no switch for; search/run.py raises the
+    threshold for the Ray it starts. 40 idle actors at once make the same burst, faster than a search."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import ray
+        from search.ray_runtime import start_ray
+        start_ray(None)
+        @ray.remote(num_cpus=0)
+        class Idle:
+            def ping(self):
+                return 1
+        actors = [Idle.remote() for _ in range(40)]
+        assert sum(ray.get([actor.ping.remote() for actor in actors])) == 40
+        ray.shutdown()
+    """)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    console = done.stdout + done.stderr  # Ray prints the raylet's lines on the driver's stdout
+    assert done.returncode == 0, console[-2000:]
+    assert "PYTHON worker processes" not in console, console[-2000:]
+
+
+def _instant_trial(config, *, setup):
+    """Stands in for training, for tests of the search machinery: reports the proposal's real GFLOPs and an
+    AP that falls as they rise, at once."""
+    from ray import tune
+
+    from search.searcher import CostCounter
+
+    gflops = CostCounter(setup.data.train.num_classes)(config["spec"]).gflops
+    tune.report({"epoch": 1, "loss": 1.0, "map": 0.5 - gflops, "gflops": gflops, "full_budget": 1})
+
+
+class _TrialStarts(tune.Callback):
+    def __init__(self):
+        self.specs = []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.specs.append(trial.config["spec"])
+
+
+def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, callbacks=(), **options):
+    """A real search (local Ray, SQLite MLflow) whose trials report at once; returns (outcome, the specs of
+    the trials Ray started, the Optuna study). The search starts its own Ray and this shuts it down after, unless
+    a Ray was already up (fixture `local_ray`): the search joins that one, and it stays up."""
+    import sys
+
+    import optuna
+    import ray
+
+    from search.run import _optuna_storage, run_search
+
+    # Ray's workers cannot import this test module: send its stand-in trainable by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    starts = _TrialStarts()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path))
+    own_ray = not ray.is_initialized()
+    try:
+        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                             trainable=trainable, callbacks=[starts, *callbacks], **options)
+    finally:
+        if own_ray:
+            ray.shutdown()
+        patch.undo()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    study = optuna.load_study(study_name=raw["name"],
+                              storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
+    return outcome, starts.specs, study
+
+
+class _RayItRunsOn(tune.Callback):
+    """In the search's driver: the GCS address of the Ray its trials run on."""
+
+    def __init__(self):
+        self.addresses = set()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.addresses.add(ray.get_runtime_context().gcs_address)
+
+
+def test_a_search_joins_the_cluster_that_RAY_ADDRESS_names(tmp_path, shapes, monkeypatch, ray_tmpdir):
+    """On a cluster's head node RAY_ADDRESS is set. The search joins that cluster; it used to pass num_cpus to
+    ray.init() there and die with Ray's ValueError, its parent run left RUNNING."""
+    from ray.cluster_utils import Cluster
+
+    # At the node's own address: ray.init() turns a 127.0.0.1 address into it (services.resolve_ip_for_localhost)
+    # and then waits for a raylet registered there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    address = cluster.address
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        on = _RayItRunsOn()
+        outcome, started, _ = _search_with_instant_trials(
+            tmp_path, _raw(shapes, "on-a-cluster", search={"trials": 2}), callbacks=[on])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert outcome.finished == 2 and len(started) == 2
+    assert on.addresses == {address}
+
+
+def test_a_search_starts_its_own_ray_beside_a_stale_address_file(tmp_path, shapes, ray_tmpdir):
+    """`ray start --head` leaves its address in RAY_TMPDIR/ray/ray_current_cluster, and `ray stop` can leave it
+    behind.
+    ray.init() with no address would join that address; a search without --address or RAY_ADDRESS starts a
+    local Ray of its own instead."""
+    stale = f"127.0.0.1:{_closed_port()}"
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale + "\n")
+    on = _RayItRunsOn()
+    outcome, started, _ = _search_with_instant_trials(tmp_path, _raw(shapes, "local", search={"trials": 1}),
+                                                      callbacks=[on])
+    assert outcome.finished == 1 and len(on.addresses) == 1
+    assert stale not in on.addresses
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: one the kernel handed out and took back."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_and_creates_no_run(tmp_path, shapes, monkeypatch, capsys):
+    import mlflow
+    import yaml
+
+    from search.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_raw(shapes, "no-cluster", search={"trials": 1})))
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert main(["search", str(job)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert err.startswith(f"effsearch: error: cannot reach the Ray cluster at 127.0.0.1:{port} (from RAY_ADDRESS): ")
+    assert not ray.is_initialized()
+    assert mlflow.MlflowClient(uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]) == []
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "RAY_ADDRESS http://127.0.0.1:8265 is a Ray Jobs API (dashboard) address"),
+    ("head-node", "RAY_ADDRESS head-node: expected HOST:PORT, auto or local"),
+    ("s3://bucket:1", "RAY_ADDRESS s3://bucket:1: expected HOST:PORT"),
+    ("ray://head:10001", "RAY_ADDRESS ray://head:10001: Ray Client addresses are not supported"),
+])
+def test_a_ray_address_that_is_not_a_cluster_address_is_named(address, message, monkeypatch):
+    from search.ray_runtime import RayUnreachable, cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(RayUnreachable, match=re.escape(message)):
+        cluster_address(None)
+
+
+def test_address_flag_wins_over_RAY_ADDRESS_and_local_means_a_new_local_ray(monkeypatch):
+    from search.ray_runtime import RayUnreachable, cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster_address(None) is None
+    closed = f"127.0.0.1:{_closed_port()}"
+    with pytest.raises(RayUnreachable, match=re.escape(f"cannot reach the Ray cluster at {closed} (from --address)")):
+        cluster_address(closed)
+    monkeypatch.setenv("RAY_ADDRESS", "head-node")  # malformed: not looked at when --address is given
+    with pytest.raises(RayUnreachable, match=re.escape(f"at {closed} (from --address)")):
+        cluster_address(closed)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster_address(None) is None
+
+
+# The tests above need no Ray running (nothing may start one), a Ray of their own (a cluster, a stale address
+# file, a search whose driver crashes with trials running) or run a search in another process. The searches below
+# all run on one local Ray, fixture local_ray, which stays up until the module ends: keep such tests above it.
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the searches below, started as a search starts its own (search.ray_runtime.start_ray); each
+    search joins it rather than starting and stopping one of its own (about 5 s each here)."""
+    from search.ray_runtime import start_ray
+
+    start_ray(None)
+    yield
+    ray.shutdown()
+
+
+@contextlib.contextmanager
+def _searched(folder, raw):
+    """conftest.searched_store on the module's Ray (fixture local_ray), which it leaves up: a real search for raw
+    into an SQLite store under folder; (outcome, client)."""
+    from mlflow.tracking import MlflowClient
+
+    from search.run import run_search
+
+    assert ray.is_initialized(), "ask for fixture local_ray"
+    uri = empty_mlflow_store(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        outcome = run_search(parse_job(raw), store=folder / "store", say=lambda _: None)
+        yield outcome, MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def searched(search_folder, one_batch, local_ray):
+    raw = {
+        "name": "search-test",
+        "data": {"train": one_batch["train"], "val": one_batch["val"]},
+        "search": {"space": "lite_cpu", "trials": 2, "max_concurrent_trials": 2, "seed": 1, "max_gflops": BUDGET},
+        "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    }
+    with _searched(search_folder, raw) as (outcome, client):
+        yield outcome, client, parse_job(raw)
 
 
 def test_every_trial_is_a_child_run(searched):
@@ -57,7 +400,7 @@ def test_every_trial_is_a_child_run(searched):
         assert run.info.run_name.startswith(f"t{int(run.data.tags['effsearch.optuna_number']):03d}-")
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["search.trials"] == "3"
+    assert parent.data.params["search.trials"] == "2"
 
 
 def test_trained_trials_have_per_epoch_metrics_and_params(searched):
@@ -145,7 +488,7 @@ def test_promote_refuses_an_impossible_budget(searched):
         promote(client, job.name, max_gflops=0.001)
 
 
-def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes):
+def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes, local_ray):
     """...and a search in which no trial finished says so: the CLI exits 1 with one line (see below)."""
     raw = {
         "name": "diverging",
@@ -155,7 +498,7 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e+12, "warmup_epochs": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
     }
-    with searched_store(tmp_path, raw) as (outcome, client):
+    with _searched(tmp_path, raw) as (outcome, client):
         children = _children(client, outcome)
         assert outcome.failed == 2 and outcome.finished == 0 and outcome.frontier == []
         assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
@@ -166,14 +509,18 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
             assert run.data.tags[STATE_TAG] == FAILED
 
 
-def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_settings(tmp_path, shapes):
+def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_settings(tmp_path, local_ray):
     """[bifpn, training] on real Ray, two real trials of 2 epochs. Each trains at its own proposed batch size and
-    learning rate, not the job's: the 32 training images make 2 batches of 12 (24 images) or 2 of 16 (32), and
-    with no warmup the cosine schedule is at half its peak after epoch 1 of 2, the peak being lr scaled by
-    sqrt(batch / 16) for AdamW. The searched settings are logged as train.* params beside the spec."""
+    learning rate, not the job's: the 16 training images make 1 batch of 12 (12 images; the job's batch of 8 would
+    take all 16) or 1 of 16, and with no warmup the cosine schedule is at half its peak after epoch 1 of 2, the
+    peak being lr scaled by sqrt(batch / 16) for AdamW. The searched settings are logged as train.* params beside
+    the spec."""
     import math
 
-    raw = _raw(shapes, "composed", search={
+    from trainers.shapes import make_shapes
+
+    data = make_shapes(tmp_path / "shapes", train_images=16, val_images=4, seed=3)  # the largest batch, once
+    raw = _raw(data, "composed", search={
         "space": ["bifpn", "training"], "trials": 2, "scheduler": "fifo", "seed": 0,
         "bounds": {"bifpn": {"preset": "cpu", "image_size": [128, 160]},
                    "training": {"batch_size": [12, 16], "warmup_epochs": [0, 0]}},
@@ -182,7 +529,7 @@ def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_set
                     {"image_size": 128, "fpn_channels": 32, "fpn_repeats": 1, "head_repeats": 1, "fusion": "sum",
                      "lr": 0.02, "batch_size": 16, "focal_gamma": 2.0}]},
         train={"epochs": 2, "lr": 0.5, "batch_size": 8}, resources={"cpus_per_worker": 1})
-    with searched_store(tmp_path, raw) as (outcome, client):
+    with _searched(tmp_path, raw) as (outcome, client):
         assert outcome.finished == 2 and outcome.failed == 0
         runs = sorted(_children(client, outcome), key=lambda run: float(run.data.params["train.lr"]))
         assert [(float(r.data.params["train.lr"]), int(r.data.params["train.batch_size"])) for r in runs] == \
@@ -190,33 +537,27 @@ def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_set
         assert float(runs[1].data.params["focal_gamma"]) == 2.0
         for run, lr, batch in zip(runs, (0.004, 0.02), (12, 16)):
             images = client.get_metric_history(run.info.run_id, "train_images")
-            assert [m.value for m in images] == [2 * batch, 2 * batch]
+            assert [m.value for m in images] == [batch, batch]
             (first, _) = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
             assert first.value == pytest.approx(0.5 * lr * math.sqrt(batch / 16), rel=1e-6)
 
 
-def _raw(shapes, name, **sections):
-    """A test job on the shapes fixture, in the CPU-sized lite_cpu space unless its search section names one."""
-    search = {"space": "lite_cpu", **sections.pop("search", {})}
-    return {"name": name, "data": {"train": shapes["train"], "val": shapes["val"]}, "search": search, **sections}
-
-
-def test_a_search_with_every_train_setting_at_its_default(tmp_path):
+def test_a_search_with_every_train_setting_at_its_default(tmp_path, local_ray):
     """A new user keeps the README's defaults: the compound space in its GPU-sized bounds, the default sampler
     and stopper, and every train setting (eval_every 2, EMA, jitter, amp auto...). Only phi is held at 0
-    (EfficientDet-D0's size): D3 would take half an hour. The data is one default batch (16 images) and 4 to
-    score: at 512 px each image costs, and the data is not among the defaults."""
+    (EfficientDet-D0's size): D3 would take half an hour. The data is one default batch (16 images) and one image
+    to score (4 boxes): at 512 px each image costs, and the data is not among the defaults."""
     from search.job import SearchConfig
     from trainers.recipe import TrainConfig
     from trainers.shapes import make_shapes
 
-    small = make_shapes(tmp_path / "shapes", train_images=TrainConfig().batch_size, val_images=4, seed=3)
+    small = make_shapes(tmp_path / "shapes", train_images=TrainConfig().batch_size, val_images=1, seed=3)
     raw = {"name": "defaults", "data": {"train": small["train"], "val": small["val"]},
            "search": {"trials": 1, "fixed": {"phi": 0}}}
     job = parse_job(raw)
     assert job.train == TrainConfig() and job.search.space == "compound" and job.search.bounds == {}
     assert replace(job.search, trials=SearchConfig.trials, fixed={}) == SearchConfig()
-    with searched_store(tmp_path, raw) as (outcome, client):
+    with _searched(tmp_path, raw) as (outcome, client):
         (run,) = _children(client, outcome)
         assert outcome.finished == 1 and run.info.status == "FINISHED"
         assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
@@ -227,321 +568,27 @@ def test_a_search_with_every_train_setting_at_its_default(tmp_path):
         assert run.data.tags[FULL_BUDGET_TAG] == "true"
 
 
-class _CrashOnFirstResult(tune.Callback):
-    """A fault in the driver's own loop (not in a trial): Tune's controller raises out of fit()."""
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        raise RuntimeError("the driver's loop broke")
-
-
-def test_a_crash_of_the_driver_loop_leaves_no_run_running(tmp_path, shapes):
-    import ray
-    from mlflow.tracking import MlflowClient
-
-    from search.run import run_search
-
-    raw = _raw(shapes, "crash", search={"trials": 2, "max_concurrent_trials": 2},
-               train={"epochs": 3, "batch_size": 8}, resources={"cpus_per_worker": 1})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MLFLOW_TRACKING_URI", uri)
-    try:
-        with pytest.raises(Exception, match="driver's loop broke|Tune"):
-            run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
-                       callbacks=[_CrashOnFirstResult()])
-    finally:
-        ray.shutdown()
-        patch.undo()
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("crash")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FAILED"
-    assert len(runs) >= 2 and all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs)
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"train": {"batch_size": 64}}, r"32 images are fewer than one global batch \(train.batch_size, 64, x "
-                                    r"resources.workers_per_trial 1 = 64\)"),
-    # A searched batch size: its largest choice must fit, whatever train.batch_size says.
-    ({"search": {"space": ["lite_cpu", "training"], "bounds": {"training": {"batch_size": [8, 48]}}}},
-     r"32 images are fewer than one global batch \(the largest of the space's batch_size choices, 48, x "),
-    # Held by search.fixed: that value is the one that trains.
-    ({"search": {"space": ["lite_cpu", "training"], "bounds": {"training": {"batch_size": [8, 48]}},
-                 "fixed": {"batch_size": 48}}},
-     r"32 images are fewer than one global batch \(search.fixed.batch_size, 48, x "),
-    ({"data": "empty"}, r"annotations.json: the split has no images"),
-])
-def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path, shapes, change, message):
-    import json
-
-    import ray
-
-    from search.run import run_search
-    from trainers.validate import DataError
-
-    raw = _raw(shapes, "refused", **{k: v for k, v in change.items() if k != "data"})
-    if change.get("data") == "empty":
-        empty = tmp_path / "annotations.json"
-        empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
-        raw["data"]["val"] = {"annotations": str(empty), "images": shapes["val"]["images"]}
-    with pytest.raises(DataError, match=message):
-        run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None)
-    assert not ray.is_initialized()
-
-
-def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, shapes):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(_raw(shapes, "interrupted", search={"trials": 2, "max_concurrent_trials": 2},
-                                       train={"epochs": 20, "batch_size": 8, "eval_every": 1},
-                                       resources={"cpus_per_worker": 1})))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).parents[1])}
-    # Its own session, so that the clean-up below can reach every process this search started, by its group id.
-    search = subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(job)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        client, deadline, trained = MlflowClient(uri), time.monotonic() + 240, False
-        while not trained and time.monotonic() < deadline and search.poll() is None:
-            time.sleep(2)
-            experiment = client.get_experiment_by_name("interrupted") if (tmp_path / "mlflow.db").exists() else None
-            if experiment is not None:
-                runs = client.search_runs([experiment.experiment_id], filter_string="metrics.loss > 0")
-                trained = bool(runs)
-        assert trained, "no trial reported an epoch within 240 s"
-        search.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, err = search.communicate(timeout=120)
-    finally:
-        if search.poll() is None:
-            os.killpg(search.pid, signal.SIGKILL)
-            search.wait()
-    assert search.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("effsearch: interrupted")
-    # Nothing a user cannot act on: Ray's token notice, the raylet's worker-count warning, a traceback.
-    assert "Token authentication" not in err and "Traceback" not in err
-    assert "PYTHON worker processes" not in out + err, (out + err)[-2000:]  # Ray prints the raylet's on stdout
-    runs = client.search_runs([experiment.experiment_id])
-    parent = [r for r in runs if PARENT_TAG not in r.data.tags]
-    children = [r for r in runs if PARENT_TAG in r.data.tags]
-    assert len(parent) == 1 and parent[0].info.status == "KILLED"
-    assert children and all(r.info.status in ("KILLED", "FAILED") for r in children)
-    assert all(r.data.tags[STATE_TAG] == FAILED for r in children)
-
-
-def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, shapes, monkeypatch, capsys):
-    import ray
+def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, shapes, monkeypatch, capsys,
+                                                                  local_ray):
     import yaml
 
     from search.cli import main
 
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(_raw(shapes, "nothing-fits", search={"trials": 2, "max_gflops": 0.001})))
+    # phi held at 0, where lite_cpu's cheapest configuration lies: the driver counts the FLOPs of each of the 9
+    # configurations left once (about 0.5 s each here), not of all 27, before 500 proposals have been turned away.
+    job.write_text(yaml.safe_dump(_raw(shapes, "nothing-fits", search={"trials": 2, "max_gflops": 0.001,
+                                                                        "fixed": {"phi": 0.0}})))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        assert main(["search", str(job)]) == 1
-    finally:
-        ray.shutdown()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path))
+    assert main(["search", str(job)]) == 1  # on the module's Ray (fixture local_ray), which stays up
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     assert err.startswith("effsearch: error: no trial started: 500 proposals in a row were over the budget "
                           "(search.max_gflops 0.001) or already trained (the cheapest 0.045 GFLOPs)")
 
 
-def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path):
-    """Each trial starts a burst of small actors (its driver, Train's controller, the workers, a report queue).
-    At Ray's default threshold, 4x the CPU count, the raylet then printed "N PYTHON worker processes have
-    been started ...", which a user cannot act on and Ray has no switch for; search/run.py raises the
-    threshold for the Ray it starts. 40 idle actors at once make the same burst, faster than a search."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
-
-    script = textwrap.dedent("""
-        import ray
-        from search.ray_runtime import start_ray
-        start_ray(None)
-        @ray.remote(num_cpus=0)
-        class Idle:
-            def ping(self):
-                return 1
-        actors = [Idle.remote() for _ in range(40)]
-        assert sum(ray.get([actor.ping.remote() for actor in actors])) == 40
-        ray.shutdown()
-    """)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env["PYTHONPATH"] = str(Path(__file__).parents[1])
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    console = done.stdout + done.stderr  # Ray prints the raylet's lines on the driver's stdout
-    assert done.returncode == 0, console[-2000:]
-    assert "PYTHON worker processes" not in console, console[-2000:]
-
-
-def _instant_trial(config, *, setup):
-    """Stands in for training, for tests of the search machinery: reports the proposal's real GFLOPs and an
-    AP that falls as they rise, at once."""
-    from ray import tune
-
-    from search.searcher import CostCounter
-
-    gflops = CostCounter(setup.data.train.num_classes)(config["spec"]).gflops
-    tune.report({"epoch": 1, "loss": 1.0, "map": 0.5 - gflops, "gflops": gflops, "full_budget": 1})
-
-
-class _TrialStarts(tune.Callback):
-    def __init__(self):
-        self.specs = []
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.specs.append(trial.config["spec"])
-
-
-def _search_with_instant_trials(tmp_path, raw, trainable=_instant_trial, callbacks=(), **options):
-    """A real search (local Ray, SQLite MLflow) whose trials report at once; returns (outcome, the specs of
-    the trials Ray started, the Optuna study)."""
-    import sys
-
-    import optuna
-    import ray
-
-    from search.run import _optuna_storage, run_search
-
-    # Ray's workers cannot import this test module: send its stand-in trainable by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    starts = _TrialStarts()
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
-                             trainable=trainable, callbacks=[starts, *callbacks], **options)
-    finally:
-        ray.shutdown()
-        patch.undo()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    study = optuna.load_study(study_name=raw["name"],
-                              storage=_optuna_storage(tmp_path / "store" / "optuna.journal"))
-    return outcome, starts.specs, study
-
-
-class _RayItRunsOn(tune.Callback):
-    """In the search's driver: the GCS address of the Ray its trials run on."""
-
-    def __init__(self):
-        self.addresses = set()
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.addresses.add(ray.get_runtime_context().gcs_address)
-
-
-def test_a_search_joins_the_cluster_that_RAY_ADDRESS_names(tmp_path, shapes, monkeypatch, ray_tmpdir):
-    """On a cluster's head node RAY_ADDRESS is set. The search joins that cluster; it used to pass num_cpus to
-    ray.init() there and die with Ray's ValueError, its parent run left RUNNING."""
-    from ray.cluster_utils import Cluster
-
-    # At the node's own address: ray.init() turns a 127.0.0.1 address into it (services.resolve_ip_for_localhost)
-    # and then waits for a raylet registered there.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    address = cluster.address
-    try:
-        monkeypatch.setenv("RAY_ADDRESS", address)
-        on = _RayItRunsOn()
-        outcome, started, _ = _search_with_instant_trials(
-            tmp_path, _raw(shapes, "on-a-cluster", search={"trials": 2}), callbacks=[on])
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    assert outcome.finished == 2 and len(started) == 2
-    assert on.addresses == {address}
-
-
-def test_a_search_starts_its_own_ray_beside_a_stale_address_file(tmp_path, shapes, ray_tmpdir):
-    """`ray start --head` leaves its address in RAY_TMPDIR/ray/ray_current_cluster, and `ray stop` can leave it
-    behind.
-    ray.init() with no address would join that address; a search without --address or RAY_ADDRESS starts a
-    local Ray of its own instead."""
-    stale = f"127.0.0.1:{_closed_port()}"
-    (ray_tmpdir / "ray").mkdir()
-    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale + "\n")
-    on = _RayItRunsOn()
-    outcome, started, _ = _search_with_instant_trials(tmp_path, _raw(shapes, "local", search={"trials": 1}),
-                                                      callbacks=[on])
-    assert outcome.finished == 1 and len(on.addresses) == 1
-    assert stale not in on.addresses
-
-
-def _closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on: one the kernel handed out and took back."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_cluster_that_does_not_answer_is_one_line_and_creates_no_run(tmp_path, shapes, monkeypatch, capsys):
-    import mlflow
-    import yaml
-
-    from search.cli import main
-
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(_raw(shapes, "no-cluster", search={"trials": 1})))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    port = _closed_port()
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-    assert main(["search", str(job)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err, err
-    assert err.startswith(f"effsearch: error: cannot reach the Ray cluster at 127.0.0.1:{port} (from RAY_ADDRESS): ")
-    assert not ray.is_initialized()
-    assert mlflow.MlflowClient(uri).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]) == []
-
-
-@pytest.mark.parametrize("address, message", [
-    ("http://127.0.0.1:8265", "RAY_ADDRESS http://127.0.0.1:8265 is a Ray Jobs API (dashboard) address"),
-    ("head-node", "RAY_ADDRESS head-node: expected HOST:PORT, auto or local"),
-    ("s3://bucket:1", "RAY_ADDRESS s3://bucket:1: expected HOST:PORT"),
-    ("ray://head:10001", "RAY_ADDRESS ray://head:10001: Ray Client addresses are not supported"),
-])
-def test_a_ray_address_that_is_not_a_cluster_address_is_named(address, message, monkeypatch):
-    from search.ray_runtime import RayUnreachable, cluster_address
-
-    monkeypatch.setenv("RAY_ADDRESS", address)
-    with pytest.raises(RayUnreachable, match=re.escape(message)):
-        cluster_address(None)
-
-
-def test_address_flag_wins_over_RAY_ADDRESS_and_local_means_a_new_local_ray(monkeypatch):
-    from search.ray_runtime import RayUnreachable, cluster_address
-
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-    assert cluster_address(None) is None
-    closed = f"127.0.0.1:{_closed_port()}"
-    with pytest.raises(RayUnreachable, match=re.escape(f"cannot reach the Ray cluster at {closed} (from --address)")):
-        cluster_address(closed)
-    monkeypatch.setenv("RAY_ADDRESS", "head-node")  # malformed: not looked at when --address is given
-    with pytest.raises(RayUnreachable, match=re.escape(f"at {closed} (from --address)")):
-        cluster_address(closed)
-    monkeypatch.delenv("RAY_ADDRESS")
-    assert cluster_address(None) is None
-
-
-def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
+def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes, local_ray):
     """A budget of 0.063 GFLOPs rules out 15 of lite_cpu's 27 configurations. Every trial Ray starts is within
     it, all 8 requested trials train, and Optuna holds each turned-away proposal as PRUNED and infeasible."""
     import optuna
@@ -565,7 +612,7 @@ def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes):
     print(f"feasible share: first half {first:.2f}, second half {second:.2f}, {len(infeasible)} turned away")
 
 
-def test_a_parameter_budget_is_a_second_constraint_and_no_trial_over_it_starts(tmp_path, shapes):
+def test_a_parameter_budget_is_a_second_constraint_and_no_trial_over_it_starts(tmp_path, shapes, local_ray):
     """max_params_m 0.72 rules out 15 of lite_cpu's 27 configurations (those at phi 0.5 and 1 with wide BiFPNs);
     max_gflops 0.1 rules out 4 more costly ones. No trial Ray starts is over either limit, and each turned-away
     proposal carries both constraints, so the sampler sees which limit it broke."""
@@ -590,7 +637,7 @@ def test_a_parameter_budget_is_a_second_constraint_and_no_trial_over_it_starts(t
         assert over[0] == pytest.approx(trial.user_attrs["params_m"] - 0.72)
 
 
-def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_again(tmp_path, shapes):
+def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_again(tmp_path, shapes, local_ray):
     """search.fixed leaves 3 configurations (fpn_repeats 1..3) and the job asks for 4 trials: each
     configuration trains once; proposals that repeat one are told to Optuna with its results, and when
     nothing new is left the search ends and says why."""
@@ -612,7 +659,7 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
         assert trial.params == original.params and trial.values == original.values
 
 
-def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes):
+def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes, local_ray):
     """beta 1.1 and 1.104 at phi 0.5 give backbone widths 0.524 and 0.525, which round to the same channels
     (tests/test_model.py): the second is told the first's results and does not train; a third proposal does."""
     import optuna
@@ -630,7 +677,7 @@ def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes):
     assert second.state == optuna.trial.TrialState.COMPLETE and second.values == study.trials[0].values
 
 
-def test_enqueued_points_are_the_first_trials(tmp_path, shapes):
+def test_enqueued_points_are_the_first_trials(tmp_path, shapes, local_ray):
     """search.enqueue: the paper's rule at two phi steps, then a partial point; the sampler proposes after them."""
     raw = _raw(shapes, "enqueue", search={
         "space": "compound", "bounds": {"preset": "cpu"}, "trials": 4, "scheduler": "fifo",
@@ -671,7 +718,8 @@ def _curves_table(path):
 
 
 def test_the_pareto_stopper_prunes_on_replayed_curves_and_pruned_trials_stay_off_the_frontier(tmp_path, shapes,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch,
+                                                                                                 local_ray):
     """12 trials of the CPU compound space replay learning curves under the Pareto stopper, rungs at epochs 1 and
     3 of 6. Every trial it stops is PRUNED in Optuna with no values, tagged pruned in MLflow, and absent from the
     frontier; the rest are complete."""

@@ -17,6 +17,7 @@ from conftest import start_cluster
 from search.cli import main
 from search.tracking import PARENT_TAG, TRIAL_ID_TAG
 from search.states import STATE_TAG
+from conftest import empty_mlflow_store
 
 TINY = {"space": "lite_cpu", "trials": 2, "scheduler": "fifo", "sampler": "random"}
 
@@ -106,13 +107,13 @@ def _wait_for(capsys, address, job_id, statuses, timeout_s=600) -> str:
         out = _status(capsys, address, job_id)
         if any(f": {s} " in out for s in statuses):
             return out
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"job {job_id} never reached {statuses}: {out}")
 
 
 def test_a_submitted_search_runs_on_the_cluster_and_records_its_trials(jobs_api, tmp_path, shapes, capsys,
                                                                          monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job_id, out = _submit(capsys, _job_file(tmp_path, shapes, "submitted"), jobs_api)  # the default store
     assert "experiment: submitted" in out and f"tracking URI: {uri}" in out
@@ -144,7 +145,7 @@ def test_a_submitted_search_runs_on_the_cluster_and_records_its_trials(jobs_api,
 
 def test_jobs_stop_interrupts_the_search_and_submit_resume_finishes_it(jobs_api, tmp_path, shapes, capsys,
                                                                         monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job_file = _job_file(tmp_path, shapes, "stopped", epochs=4)
     job_id, _ = _submit(capsys, job_file, jobs_api, tmp_path / "store")
@@ -154,7 +155,7 @@ def test_jobs_stop_interrupts_the_search_and_submit_resume_finishes_it(jobs_api,
         experiment = client.get_experiment_by_name("stopped") if (tmp_path / "mlflow.db").exists() else None
         if experiment and any(PARENT_TAG in r.data.tags for r in client.search_runs([experiment.experiment_id])):
             break
-        time.sleep(2)
+        time.sleep(0.5)
     else:
         pytest.fail(_status(capsys, jobs_api, job_id))
 

@@ -9,15 +9,26 @@ from search.lineage import DATA_HASH_TAG, EPOCHS_TAG
 from search.pareto import pareto_front
 from search.states import COMPLETE, STATE_TAG
 from search.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, OPTUNA_NUMBER_TAG, PARENT_TAG, TRIAL_ID_TAG
+from conftest import empty_mlflow_store
 
 TRIALS = 8
 EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def concurrent(tmp_path_factory):
-    """8 real trials (tiny EfficientDet-Lite, 8 images) at once, on a local Ray of 8 logical CPUs."""
+def local_ray():
+    """A local Ray of 8 logical CPUs for the module's searches, each of which joins it: eight 1-CPU trials at once
+    need eight; the machine has two cores, which they share."""
     import ray
+
+    ray.init(num_cpus=TRIALS, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def concurrent(tmp_path_factory, local_ray):
+    """8 real trials (tiny EfficientDet-Lite, one batch of 4 images, 2 to score) at once, on the module's Ray."""
     from mlflow.tracking import MlflowClient
 
     from search.job import parse_job
@@ -25,23 +36,20 @@ def concurrent(tmp_path_factory):
     from trainers.shapes import make_shapes
 
     folder = tmp_path_factory.mktemp("concurrent")
-    data = make_shapes(folder / "shapes", train_images=8, val_images=4, seed=5)
+    data = make_shapes(folder / "shapes", train_images=4, val_images=2, seed=5)
     raw = {"name": "eight-at-once", "data": {"train": data["train"], "val": data["val"]},
            "search": {"space": "lite_cpu", "trials": TRIALS, "max_concurrent_trials": TRIALS, "seed": 2,
                       "scheduler": "fifo"},
            "train": {"epochs": EPOCHS, "batch_size": 4, "eval_every": 1, "warmup_epochs": 0},
            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     said = []
-    # Eight 1-CPU trials at once need eight logical CPUs; the machine has two cores, which they share.
-    ray.init(num_cpus=TRIALS, include_dashboard=False)
     try:
         outcome = run_search(parse_job(raw), store=folder / "store", say=said.append)
         yield outcome, MlflowClient(uri), said
     finally:
-        ray.shutdown()
         patch.undo()
 
 
@@ -110,7 +118,8 @@ def _instant(config, *, setup):
                  "params_m": cost.params_m, "full_budget": 1})
 
 
-def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, shapes, monkeypatch, capsys):
+def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, shapes, monkeypatch, capsys,
+                                                                     local_ray):
     """Three searches of one job: 1 epoch, 2 epochs, 1 epoch again. Each parent's frontier.csv holds its own
     trials; the experiment-wide frontier compares the latest search's data and epochs only, and says so; a search
     of another budget leaves the earlier runs' frontier tags alone."""
@@ -126,13 +135,11 @@ def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, sh
     from search.run import run_search
     from search.tracking import FRONTIER_TAG
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
-    ray.shutdown()  # the module's 8-CPU Ray (fixture `concurrent`) has done its work, if it ran first
-    ray.init(num_cpus=2, include_dashboard=False)  # one Ray for the three searches
-    outcomes = []
+    outcomes = []  # the three searches join the module's Ray (fixture local_ray)
     try:
         for epochs, seed in ((1, 0), (2, 1), (1, 2)):
             raw = {"name": "budgets", "data": {"train": shapes["train"], "val": shapes["val"]},
@@ -150,7 +157,6 @@ def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, sh
                 # The 2-epoch search did not re-tag the 1-epoch runs.
                 assert {run_id: client.get_run(run_id).data.tags[FRONTIER_TAG] for run_id in first_tags} == first_tags
     finally:
-        ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     experiment_id = outcomes[0].experiment_id
     for outcome in outcomes:
