@@ -1,7 +1,8 @@
-"""`effsearch demo --detector`: a search over the detector space, its frontier, promotion, and predict with either head."""
+"""`effsearch demo --detector`: a detector-space search, its frontier, promotion, and predict with either head."""
 import json
 
 import pytest
+from conftest import empty_mlflow_store
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
@@ -20,7 +21,7 @@ def detector_demo(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("detector-demo")
     make_shapes(folder / "demo" / "shapes", train_images=96, val_images=24, seed=5)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)
