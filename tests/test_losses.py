@@ -145,6 +145,50 @@ def test_box_weights_scale_each_positive_anchors_terms(box_loss):
     assert plain_cls * 0.3 < weighted_cls < plain_cls  # background terms are not scaled
 
 
+@pytest.mark.parametrize("box_loss", ["huber", "giou", "diou", "ciou"])
+def test_the_loss_makes_no_op_that_waits_for_a_gpu_outside_torchvisions_iou_loss(box_loss):
+    """On CUDA, nonzero(), boolean indexing (nonzero inside) and .item() make the host wait for the device.
+    The loss's forward runs under a dispatch mode that sees every aten op and the Python frames that made it:
+    none of those ops comes from our code (it gathered the positives of each level with nonzero(), one wait
+    per level). torchvision's IoU losses assign through a boolean mask themselves (_loss_inter_union), so an
+    IoU loss still waits there, once per step, as all levels go to it in one call. Untrained outputs (large
+    size offsets) leave the loss and its gradient finite."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"nonzero", "masked_select", "_local_scalar_dense", "index", "index_put"}
+
+    class RecordWaits(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ours, self.torchvisions, self.seen = [], [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen += 1
+            if func.overloadpacket.__name__ in waits:
+                frame, files = sys._getframe(), []
+                while frame is not None:
+                    files.append(frame.f_code.co_filename)
+                    frame = frame.f_back
+                inside = any("torchvision" in f for f in files)
+                (self.torchvisions if inside else self.ours).append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    spec = SPEC.replace(box_loss=box_loss)
+    anchors, cls, box = _outputs(spec, torch.Generator().manual_seed(4), scale=20.0)
+    _, _, classes = _labels(spec, anchors)
+    targets, _, _ = _labels(spec, anchors, weights=torch.full(classes.shape, 0.5))  # mixup's weights too
+    outputs = [t.clone().requires_grad_() for t in box]
+    with RecordWaits() as recorded:
+        total, _, _ = AnchorLoss(spec, anchors)(cls, outputs, targets)
+    total.backward()
+    assert recorded.seen > 50  # the mode saw the loss's ops
+    assert recorded.ours == []
+    assert bool(recorded.torchvisions) == (box_loss != "huber")  # the frame test tells torchvision's apart
+    assert torch.isfinite(total) and all(torch.isfinite(o.grad).all() for o in outputs)
+
+
 def test_anchors_between_the_two_thresholds_are_ignored_as_by_effdets_matcher():
     spec = SPEC.replace(match_threshold=0.5, unmatched_threshold=0.4)
     anchors = Anchors.from_config(effdet_config(spec))

@@ -12,7 +12,8 @@ from trainers.spec import ModelSpec
 
 IOU_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
 # A prediction's log-size offset is clamped before exp(), as mmdetection's delta2bbox does: an untrained
-# head's exp() of a large offset overflows to inf and the IoU loss to nan.
+# head's exp() of a large offset overflows to inf and the IoU loss to nan; a very negative one gives a box of
+# no height, and CIoU's atan(w / h) is then nan.
 MAX_LOG_RATIO = abs(math.log(16 / 1000))
 HUBER_DELTA = 0.1  # effdet's config.delta: about the mean regression target at 512 px
 
@@ -63,28 +64,36 @@ class AnchorLoss(torch.nn.Module):
                 box_terms.append(huber_loss(box_output, box_target, weights=mask, delta=HUBER_DELTA,
                                             size_average=False) / (positives * 4.0))
             else:
-                box_terms.append(self._iou_loss(box_output.reshape(batch, count, 4),
-                                                box_target.reshape(batch, count, 4),
-                                                cls_target.reshape(batch, count) >= 0,
-                                                None if level_weights is None else level_weights.reshape(batch, count),
-                                                start) / positives)
+                box_terms.append((box_output.reshape(batch, count, 4), box_target.reshape(batch, count, 4),
+                                  cls_target.reshape(batch, count) >= 0))
             start += count
         cls_loss = torch.stack(cls_losses).sum()
-        box_loss = torch.stack(box_terms).sum()
+        if spec.box_loss == "huber":
+            box_loss = torch.stack(box_terms).sum()
+        else:  # every level at once: [B, A, 4] outputs and codes, [B, A] positives, in the anchors' order
+            outputs, codes, positive = (torch.cat(parts, dim=1) for parts in zip(*box_terms))
+            box_loss = self._iou_loss(outputs, codes, positive, weights) / positives
         weight = spec.box_loss_weight if spec.box_loss == "huber" else spec.iou_loss_weight
         return cls_loss + weight * box_loss, cls_loss, box_loss
 
-    def _iou_loss(self, outputs, codes, positive, weights, start: int) -> torch.Tensor:
-        """Summed IoU loss of the positive anchors of one level; outputs and codes are [B, count, 4] ty,tx,th,tw."""
-        image, anchor = positive.nonzero(as_tuple=True)
-        anchors = self.anchor_boxes[start + anchor]
-        predicted = outputs[image, anchor]
-        predicted = torch.cat([predicted[:, :2], predicted[:, 2:].clamp(max=MAX_LOG_RATIO)], dim=1)
+    def _iou_loss(self, outputs, codes, positive, weights) -> torch.Tensor:
+        """Summed IoU loss of the positive anchors; outputs and codes are [B, A, 4] ty,tx,th,tw.
+
+        Computed for every anchor and masked, rather than gathered at the positives: the gather's nonzero()
+        would wait for the GPU at every step. A code outside the positives is made 0, which decodes to the
+        anchor itself, and the predicted sizes are clamped on both sides, so every masked term is finite and
+        its gradient 0.
+        """
+        batch = outputs.shape[0]
+        anchors = self.anchor_boxes.expand(batch, -1, -1).reshape(-1, 4)
+        sizes = outputs[..., 2:].clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        predicted = torch.cat([outputs[..., :2], sizes], dim=-1).reshape(-1, 4)
+        codes = torch.where(positive.unsqueeze(-1), codes, 0.0).reshape(-1, 4)
         boxes = decode_box_outputs(predicted, anchors, output_xyxy=True)
-        truth = decode_box_outputs(codes[image, anchor], anchors, output_xyxy=True)
-        loss = box_iou_loss(self.spec.box_loss, boxes, truth)
+        truth = decode_box_outputs(codes, anchors, output_xyxy=True)
+        loss = torch.where(positive.reshape(-1), box_iou_loss(self.spec.box_loss, boxes, truth), 0.0)
         if weights is not None:
-            loss = loss * weights[image, anchor]
+            loss = loss * weights.reshape(-1)
         return loss.sum()
 
 
