@@ -185,6 +185,20 @@ def test_decode_clips_to_the_image_pads_and_matches_effdet_conventions(config):
     torch.testing.assert_close(unscaled[0, 0, :4], torch.tensor([100.0, 60.0, 140.0, 100.0]))
 
 
+def test_two_neighbours_that_tie_are_one_peak():
+    """Half-precision logits round to few values, so neighbouring cells can tie. A cell equal to its window's
+    max was a peak, and such a pair gave two boxes for one object; only the first of the pair is one now. A
+    cell two apart from an equal one is a peak of its own."""
+    logits = torch.full((1, 1, 8, 8), -10.0)
+    logits[0, 0, 3, 3] = logits[0, 0, 3, 4] = 2.0  # a tied pair: one object
+    logits[0, 0, 6, 1] = logits[0, 0, 6, 3] = 1.0  # two cells apart: two objects
+    regression = torch.zeros(1, 4, 8, 8)
+    detections = decode(logits.half(), regression, stride=STRIDE, max_det=10)
+    kept = detections[0, detections[0, :, 4] > 0.5]
+    centres = {(int((row[1] + row[3]) / 2 / STRIDE), int((row[0] + row[2]) / 2 / STRIDE)) for row in kept}
+    assert centres == {(3, 3), (6, 1), (6, 3)}
+
+
 # --- loss ----------------------------------------------------------------------------------------------
 
 def test_loss_is_small_for_perfect_outputs_larger_for_wrong_ones_and_weights_scale_box_terms(config):

@@ -97,8 +97,13 @@ def decode(heatmap_logits, regression, *, stride: int, img_scale=None, img_size=
     img_size (w, h) in original pixels, as effdet does. Rows scoring 0 are padding.
     """
     scores = heatmap_logits.float().sigmoid()
-    scores = scores * (F.max_pool2d(scores, 3, stride=1, padding=1) == scores)
     batch, classes, height, width = scores.shape
+    # A peak is the cell its 3x3 window's max_pool2d points to, not any cell equal to that max: two neighbours
+    # that tie (half-precision logits round to few values) would both be peaks, two boxes for one object.
+    # max_pool2d points to the first maximum in row order, so of tied neighbours only the first is kept.
+    _, winners = F.max_pool2d(scores, 3, stride=1, padding=1, return_indices=True)
+    cells = torch.arange(height * width, device=scores.device).view(height, width)
+    scores = scores * (winners == cells)
     top_scores, top = scores.flatten(1).topk(min(max_det, scores[0].numel()), dim=1)
     label, cell = top // (height * width), top % (height * width)
     log_h, log_w, offset_y, offset_x = _at_peaks(regression.float(), cell).unbind(-1)
