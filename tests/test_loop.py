@@ -96,6 +96,21 @@ def test_bf16_autocast_trains_on_cpu(shapes, tmp_path):
     assert last["loss"] < first["loss"] and 0.0 <= last["map"] <= 1.0
 
 
+def test_a_float32_checkpoint_resumes_under_fp16(shapes, tmp_path):
+    """A trial restarted on a machine whose precision differs (CPU or bf16 before, fp16 now): the checkpoint's
+    loss scaler state is empty, and an fp16 run's enabled GradScaler refused it ("the source state dict is
+    empty"); it now starts its scaler afresh and continues at the next epoch."""
+    before = _Recorder(tmp_path / "before", stop_after_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_plan(shapes, TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="off")), before)
+    assert torch.load(before.checkpoints[0] / STATE_FILE, weights_only=True)["scaler"] == {}
+    after = _Recorder(tmp_path / "after")
+    fit(_plan(shapes, TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="fp16")), after,
+        resume_from=str(before.checkpoints[0]))
+    assert [m["epoch"] for m in after.metrics] == [2]
+    assert torch.load(after.checkpoints[0] / STATE_FILE, weights_only=True)["scaler"]["scale"] > 0
+
+
 def test_adamw_scales_lr_by_the_square_root_of_the_batch():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", lr=0.01, batch_size=16, lr_batch=16), 4)

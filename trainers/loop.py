@@ -112,7 +112,8 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16 (CPU, bf16): the new scaler starts afresh
+            scaler.load_state_dict(state["scaler"])
         first_epoch, accuracy, deploy = state["epoch"] + 1, state["accuracy"], state["deploy"]
         resumed = {"resumed_from_epoch": state["epoch"]}
     step_context = _StepContext(spec, recipe, device, amp_dtype)
