@@ -139,6 +139,8 @@ def autocast_dtype(recipe: TrainConfig, device: torch.device) -> torch.dtype | N
     """The mixed-precision type for this device, or None for full float32."""
     if recipe.amp == "off" or (recipe.amp == "auto" and device.type != "cuda"):
         return None
-    if recipe.amp == "bf16" or (recipe.amp == "auto" and torch.cuda.is_bf16_supported()):
+    # including_emulation=False: torch also says yes for GPUs before Ampere (V100, T4), which only emulate bf16,
+    # slowly; "auto" gives those fp16 with the GradScaler.
+    if recipe.amp == "bf16" or (recipe.amp == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     return torch.float16  # needs the GradScaler: fp16 gradients underflow without loss scaling
