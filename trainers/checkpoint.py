@@ -35,7 +35,11 @@ def save_checkpoint(folder: str | Path, *, spec: ModelSpec, model: torch.nn.Modu
         (folder / CATEGORIES_FILE).write_text(json.dumps(categories, indent=2))
     weights = EMA_WEIGHTS if deploy == "ema" and ema_model is not None else RAW_WEIGHTS
     (folder / MODEL_FILE).write_text(json.dumps({"weights": weights, "epoch": state["epoch"]}))
-    torch.save({**state, "rng": torch.get_rng_state()}, folder / STATE_FILE)
+    # The model's CUDA generator too: drop-path on a GPU draws from it, and a resumed run repeats an
+    # uninterrupted one. The model's device, not the current one, which a worker need not have set.
+    device = next(model.parameters()).device
+    cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    torch.save({**state, "rng": torch.get_rng_state(), **cuda_rng}, folder / STATE_FILE)
 
 
 def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, ema_model) -> dict:
@@ -50,6 +54,9 @@ def load_checkpoint(folder: str | Path, *, model: torch.nn.Module, ema_model) ->
     # rank would materialise them on GPU 0. optimizer.load_state_dict then moves them to each rank's own device.
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     torch.set_rng_state(state.pop("rng"))
+    cuda_rng, device = state.pop("cuda_rng", None), next(model.parameters()).device
+    if cuda_rng is not None and device.type == "cuda":  # a GPU run resumed on CPU has no CUDA generator to set
+        torch.cuda.set_rng_state(cuda_rng, device)
     return state
 
 
