@@ -1,5 +1,6 @@
 """Shared fixtures: a small shapes dataset and a throwaway MLflow store; nothing is fetched from a hub."""
 import contextlib
+import functools
 import os
 import warnings
 
@@ -58,28 +59,31 @@ def trained_shapes_model(tmp_path_factory):
             "shapes": paths}
 
 
-_STORE_TEMPLATE: list[Path] = []
-
-
-def empty_mlflow_store(folder: Path) -> str:
-    """The URI of the SQLite MLflow store folder/mlflow.db, new and empty unless it is there already. A new one is
-    a copy of an empty store that MLflow created once for the session: MLflow runs
-    its schema migrations when it creates a store, about 5 s each on 2 cores, and every search test makes one."""
+@functools.cache
+def _empty_store_template() -> Path:
+    """An empty SQLite MLflow store, created once for the session and removed at its end."""
     import atexit
     import shutil
     import tempfile
 
     from mlflow.tracking import MlflowClient
 
-    if not _STORE_TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates it
-        atexit.register(shutil.rmtree, template.parent, True)
-        _STORE_TEMPLATE.append(template)
+    template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # creates it
+    atexit.register(shutil.rmtree, template.parent, True)
+    return template
+
+
+def empty_mlflow_store(folder: Path) -> str:
+    """The URI of the SQLite MLflow store folder/mlflow.db, new and empty unless it is there already. A new one is
+    a copy of the session's empty template: MLflow runs its schema migrations when it creates a store, about
+    5 s each on 2 cores, and every search test makes one."""
+    import shutil
+
     db = Path(folder) / "mlflow.db"
     if not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_STORE_TEMPLATE[0], db)
+        shutil.copyfile(_empty_store_template(), db)
     return f"sqlite:///{db}"
 
 

@@ -1,12 +1,9 @@
 """Each detector choice learns, shortened: three 2-epoch trainings that together cover every choice."""
-import optuna
 import pytest
-from conftest import DEFAULT_VARIANT, training_data
+from conftest import training_data
 
-from spaces.search_spaces import lite_cpu
 from trainers.loop import TrialPlan, fit
 from trainers.recipe import TrainConfig
-from trainers.spec import ModelSpec
 
 EPOCHS = 2
 # Measured here with 2 threads (2026-11-24): AP50 0.288 (pan-giou-atss), 0.202 (fpn-ciou-smoothing), 0.341
@@ -27,8 +24,7 @@ def test_each_choice_learns_in_two_epochs(group, trained_shapes_model):
     """On the shared 600-image shapes set (the session's, as trained_shapes_model made it): the loss falls and
     AP50 clears the floor. The full 5-epoch runs, one choice at a time, are benchmarks/detector_choices.py."""
     changes, train = GROUPS[group]
-    spec = ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(DEFAULT_VARIANT))["spec"], "num_classes": 3,
-                                **changes})
+    spec = trained_shapes_model["spec"].replace(**changes)  # the default variant, as the fixture built it
     recipe = TrainConfig(epochs=EPOCHS, eval_every=EPOCHS, threads=2, **train)
     history = []
     metrics = fit(TrialPlan(spec, training_data(trained_shapes_model["shapes"]), recipe),

@@ -41,7 +41,7 @@ class AnchorLoss(torch.nn.Module):
         spec, levels = self.spec, range(len(cls_outputs))
         positives = (targets["label_num_positives"].sum() + 1.0).float()  # +1: effdet's guard against 0
         weights = targets.get("label_weights")  # [B, A] or None
-        cls_losses, box_terms, start = [], [], 0
+        cls_losses, huber_terms, iou_parts, start = [], [], [], 0
         for level in levels:
             cls_target = targets[f"label_cls_{level}"]  # [B, H, W, n]: class, -1 background, -2 ignored
             box_target = targets[f"label_bbox_{level}"]  # [B, H, W, 4n]
@@ -61,17 +61,17 @@ class AnchorLoss(torch.nn.Module):
                 mask = (box_target != 0.0).float()
                 if level_weights is not None:
                     mask = mask * level_weights.repeat_interleave(4, dim=-1)
-                box_terms.append(huber_loss(box_output, box_target, weights=mask, delta=HUBER_DELTA,
+                huber_terms.append(huber_loss(box_output, box_target, weights=mask, delta=HUBER_DELTA,
                                             size_average=False) / (positives * 4.0))
             else:
-                box_terms.append((box_output.reshape(batch, count, 4), box_target.reshape(batch, count, 4),
+                iou_parts.append((box_output.reshape(batch, count, 4), box_target.reshape(batch, count, 4),
                                   cls_target.reshape(batch, count) >= 0))
             start += count
         cls_loss = torch.stack(cls_losses).sum()
-        if spec.box_loss == "huber":
-            box_loss = torch.stack(box_terms).sum()
+        if huber_terms:
+            box_loss = torch.stack(huber_terms).sum()
         else:  # every level at once: [B, A, 4] outputs and codes, [B, A] positives, in the anchors' order
-            outputs, codes, positive = (torch.cat(parts, dim=1) for parts in zip(*box_terms))
+            outputs, codes, positive = (torch.cat(parts, dim=1) for parts in zip(*iou_parts))
             box_loss = self._iou_loss(outputs, codes, positive, weights) / positives
         weight = spec.box_loss_weight if spec.box_loss == "huber" else spec.iou_loss_weight
         return cls_loss + weight * box_loss, cls_loss, box_loss
