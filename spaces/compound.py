@@ -14,7 +14,8 @@ from typing import Any
 
 import optuna
 
-from spaces.bounds import HeldSpecFields, check_ranges, parse_bounds
+from spaces.bounds import HeldSpecFields, check_ranges, check_step, parse_bounds
+from trainers.spec import ModelSpec, SpecError
 from trainers.typed import ConfigError
 
 # alpha * beta^2 * gamma^2: the compound-scaling constraint (FLOPs about double per unit of phi).
@@ -44,8 +45,10 @@ class CompoundBounds(HeldSpecFields):
                             "fpn_depth_slope", "head_depth_base"))
         if self.phi[0] < 0:
             raise ConfigError(f"phi: must be >= 0, got {self.phi[0]}")
-        if self.phi_step <= 0:
-            raise ConfigError(f"phi_step: must be > 0, got {self.phi_step}")
+        # Stepped ranges must end on a step, or Optuna silently moves their upper ends.
+        check_step("phi", *self.phi, self.phi_step)
+        check_step("fpn_width_base", *self.fpn_width_base, 8)
+        check_step("fpn_depth_slope", *self.fpn_depth_slope, 0.25)
         if self.alpha[0] < 1 or self.beta[0] < 1:
             raise ConfigError(f"{'alpha' if self.alpha[0] < 1 else 'beta'}: must be >= 1 (scaling up never shrinks)")
         # gamma is derived from alpha and beta; it must stay >= 1, or a larger phi would shrink the input.
@@ -54,22 +57,40 @@ class CompoundBounds(HeldSpecFields):
                               f"upper bounds, above {FLOPS_GROWTH:g}, which would leave gamma below 1")
         if self.fpn_width_base[0] < 8 or self.fpn_depth_base[0] < 1 or self.head_depth_base[0] < 1:
             raise ConfigError("fpn_width_base, fpn_depth_base, head_depth_base: must be at least 8, 1 and 1")
+        check_extremes(self)
 
 
-# The CPU-sized variant (what the lite_cpu space is for): EfficientDet-Lite at half width and depth, 160 px,
-# up to P5, and a BiFPN narrow enough to train in minutes on 2 cores.
-CPU_BOUNDS = CompoundBounds(
-    backbone_family="efficientnet_lite", base_width=0.5, base_depth=0.5, base_resolution=160, phi=(0.0, 1.0),
-    phi_step=0.25, fpn_width_base=(24, 48), fpn_depth_base=(1, 2), fpn_depth_slope=(0.5, 1.5),
-    head_depth_base=(2, 2), max_level=5, anchor_scale=1.875, scale_anchors=True, bn_momentum=0.1, drop_path_rate=0.1)
+# The bounds that move each spec field the compound space sets: a refused field names these keys.
+FIELD_KEYS = {"backbone_width": "phi, beta, base_width", "backbone_depth": "phi, alpha, base_depth",
+              "image_size": "phi, alpha, beta, base_resolution, max_level",
+              "fpn_channels": "phi, fpn_width_base, fpn_width_growth",
+              "fpn_repeats": "phi, fpn_depth_base, fpn_depth_slope", "head_repeats": "phi, head_depth_base"}
 
 
-BOUNDS_PRESETS = {"gpu": CompoundBounds(), "cpu": CPU_BOUNDS}
+def check_extremes(bounds: CompoundBounds) -> None:
+    """What the model accepts (ModelSpec's limits: backbone_width <= 4, image_size <= 2048, fpn_repeats <= 12...)
+    is checked when the job is read, naming the bounds, and not at a proposal after Ray has started.
 
-
-def compound_bounds(raw: Any, where: str = "job.search.bounds") -> CompoundBounds:
-    """A job file's bounds: `preset` (gpu, the default, or cpu) with any of its fields overridden."""
-    return parse_bounds(BOUNDS_PRESETS, raw, where)
+    Every spec field grows or shrinks monotonically with each parameter (phi >= 0 and alpha, beta, gamma >= 1),
+    so four corners of the box hold every field's extremes: all lows, all highs, and the input's two ends, where
+    gamma (which falls as alpha and beta rise) is at its largest with the largest phi and its smallest with the
+    smallest phi.
+    """
+    names = ("phi", "alpha", "beta", "fpn_width_base", "fpn_width_growth", "fpn_depth_base", "fpn_depth_slope",
+             "head_depth_base")
+    low = {name: getattr(bounds, name)[0] for name in names}
+    high = {name: getattr(bounds, name)[1] for name in names}
+    corners = (low, high, {**high, "alpha": low["alpha"], "beta": low["beta"]},
+               {**low, "alpha": high["alpha"], "beta": high["beta"]})
+    for corner in corners:
+        spec = compound(optuna.trial.FixedTrial(corner), bounds=bounds)["spec"]
+        try:
+            ModelSpec(num_classes=1, **spec)
+        except SpecError as err:
+            field = str(err).split(":", 1)[0]
+            at = ", ".join(f"{name} {corner[name]:g}" for name in names)
+            raise ConfigError(f"{FIELD_KEYS.get(field, field)}: the space reaches a model that is refused, at "
+                              f"{at}: {err}") from None
 
 
 # The paper's constants (phi aside), as parameters of this space.
@@ -106,13 +127,13 @@ def gamma_of(alpha: float, beta: float) -> float:
 
 
 def compound(trial: optuna.Trial, backbone: tuple[str, float, float] | None = None,
-             bounds: CompoundBounds = CompoundBounds()) -> dict[str, Any]:
+             bounds: CompoundBounds | None = None) -> dict[str, Any]:
     """phi, the backbone's alpha and beta (gamma derived), and the BiFPN's and heads' scaling rules.
 
     With a pretrained `backbone` (family, width, depth) the backbone stays at that size; phi then scales
     resolution, BiFPN and heads, and alpha and beta are not searched.
     """
-    b = bounds
+    b = bounds or CompoundBounds()
     phi = trial.suggest_float("phi", b.phi[0], b.phi[1], step=b.phi_step)
     if backbone is None:
         alpha = trial.suggest_float("alpha", *b.alpha)
@@ -145,3 +166,19 @@ def compound(trial: optuna.Trial, backbone: tuple[str, float, float] | None = No
         "drop_path_rate": b.drop_path_rate,
     }
     return {"spec": spec}
+
+
+# The CPU-sized variant (what the lite_cpu space is for): EfficientDet-Lite at half width and depth, 160 px,
+# up to P5, and a BiFPN narrow enough to train in minutes on 2 cores.
+CPU_BOUNDS = CompoundBounds(
+    backbone_family="efficientnet_lite", base_width=0.5, base_depth=0.5, base_resolution=160, phi=(0.0, 1.0),
+    phi_step=0.25, fpn_width_base=(24, 48), fpn_depth_base=(1, 2), fpn_depth_slope=(0.5, 1.5),
+    head_depth_base=(2, 2), max_level=5, anchor_scale=1.875, scale_anchors=True, bn_momentum=0.1, drop_path_rate=0.1)
+
+
+BOUNDS_PRESETS = {"gpu": CompoundBounds(), "cpu": CPU_BOUNDS}
+
+
+def compound_bounds(raw: Any, where: str = "job.search.bounds") -> CompoundBounds:
+    """A job file's bounds: `preset` (gpu, the default, or cpu) with any of its fields overridden."""
+    return parse_bounds(BOUNDS_PRESETS, raw, where)

@@ -120,6 +120,20 @@ def test_compound_holds_a_pretrained_backbone_and_searches_the_rest():
     ({"alpha": [1.0, 1.6]}, "job.search.bounds.alpha, beta: alpha * beta^2 reaches 2.304"),
     ({"beta": [0.9, 1.1]}, "job.search.bounds.beta: must be >= 1"),
     ({"phi": "wide"}, "job.search.bounds.phi: must be a list of 2 values, got 'wide'"),
+    # Stepped ranges that do not end on a step: Optuna would move the upper end without a word.
+    ({"phi": [0, 2.8]}, "job.search.bounds.phi: 2.8 - 0 is not a whole number of steps of 0.5"),
+    ({"fpn_depth_slope": [0.5, 1.4]}, "job.search.bounds.fpn_depth_slope: 1.4 - 0.5 is not a whole number"),
+    ({"fpn_width_base": [48, 100]}, "job.search.bounds.fpn_width_base: 100 - 48 is not a whole number of steps of 8"),
+    # Beyond what the model accepts, at a corner of the box: refused here, not at a proposal after Ray started.
+    ({"phi": [0, 8]}, "job.search.bounds.phi, beta, base_width: the space reaches a model that is refused, at phi 8, "
+                      "alpha 1.35, beta 1.2"),
+    ({"phi": [0, 6]}, "backbone_depth: must be in [0.1, 6], got 6.053"),
+    ({"phi": [0, 7], "alpha": [1.0, 1.1], "beta": [1.0, 1.05]},
+     "job.search.bounds.phi, alpha, beta, base_resolution, max_level: the space reaches a model that is refused, at "
+     "phi 7, alpha 1.1, beta 1.05, "),
+    ({"fpn_width_base": [48, 400]}, "job.search.bounds.phi, fpn_width_base, fpn_width_growth: "),
+    ({"preset": "cpu", "base_width": 0.05}, "backbone_width: must be in [0.1, 4], got 0.05"),
+    ({"max_level": 9}, "job.search.bounds.max_level: the space reaches a model that is refused"),
 ])
 def test_bad_compound_bounds_name_the_key(bounds, message):
     from spaces import make_space
