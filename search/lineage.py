@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,14 @@ class Comparable:
 
     def describe(self) -> str:
         return f"data {self.data_hash}, {self.epochs} epochs"
+
+
+def training_key(comparable: Comparable, settings: dict) -> str:
+    """What a trial's results depend on beyond its configuration: the data, the epochs and the job's other
+    training and model settings (JSON-able). A repeated proposal reuses a trial's results only under the same key."""
+    payload = json.dumps({"data": comparable.data_hash, "epochs": comparable.epochs, **settings}, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def split_hashes(annotation_files: dict[str, str]) -> dict[str, str]:

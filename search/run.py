@@ -17,7 +17,7 @@ from ray import tune
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, record_frontier
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
-from search.lineage import SPLIT_HASH_TAG, Comparable, split_hashes
+from search.lineage import SPLIT_HASH_TAG, Comparable, split_hashes, training_key
 from search.progress import ProgressPrinter
 from search.ray_runtime import cluster_address, start_ray, trials_the_cluster_holds
 from search.scheduler import make_scheduler
@@ -106,7 +106,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
             enqueued_labels=tuple(_label(entry, index) for index, entry in enumerate(job.search.enqueue)),
-            study_name=job.name, storage=journal)
+            study_name=job.name, storage=journal,
+            trained_under=training_key(comparable, {"train": asdict(job.train), "model": asdict(job.model)}))
         logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs, job.search.max_gflops,
                                    number_of=searcher.optuna_number, comparable=comparable,
                                    enqueued_of=searcher.enqueued_label, num_classes=data.train.num_classes,

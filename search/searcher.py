@@ -9,7 +9,8 @@ own state and the true cost, never a made-up objective value. Then the searcher 
 
 A proposal whose configuration (model spec, and searched training settings) equals one already trained in the
 study (in this search, an earlier search of the job, or a warm start) is told to Optuna with that trial's own
-results (COMPLETE, tagged with the trial it repeats) and is not trained again.
+results (COMPLETE, tagged with the trial it repeats) and is not trained again, if that trial trained under the
+same data and job settings (`trained_under`); a trial of other data or other epochs only informs the sampler.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from trainers.spec import ModelSpec
 GFLOPS_ATTR = "gflops"
 PARAMS_ATTR = "params_m"
 REPEATS_ATTR = "effsearch.repeats_trial"  # on a repeated proposal: the Optuna number of the trial it repeats
+# On a trial that trains: the data and job settings it trained under (search.lineage.training_key).
+TRAINED_UNDER_ATTR = "effsearch.trained_under"
 # Proposals in a row over budget before the search gives up on the space.
 MAX_PROPOSALS = 500
 # Over-budget configurations recorded as runs per search, each once: a search whose budget nothing meets would
@@ -116,8 +119,8 @@ class BudgetedOptunaSearch(OptunaSearch):
     the search (Searcher.FINISHED) and says why in `exhausted`."""
 
     def __init__(self, space, *, cost_of: Callable[[dict], ModelShape], budget: Budget = Budget(),
-                 enqueued_labels: tuple[str, ...] = (), **kwargs):
-        self._cost_of, self._budget = cost_of, budget
+                 enqueued_labels: tuple[str, ...] = (), trained_under: str = "", **kwargs):
+        self._cost_of, self._budget, self._trained_under = cost_of, budget, trained_under
         # search.enqueue's entries (rule:1, d0), one per point of points_to_evaluate, to name the trials they start.
         self._enqueued = list(zip(enqueued_labels, kwargs.get("points_to_evaluate") or ()))
         # Told of each over-budget proposal (its Optuna number, config, GFLOPs, params, reason): the run logger.
@@ -135,7 +138,8 @@ class BudgetedOptunaSearch(OptunaSearch):
         # The study may already hold trained configurations (a warm start, an earlier search of the same job):
         # a proposal equal to one of them reuses its results too.
         for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if REPEATS_ATTR in trial.user_attrs:
+            # Results of other data, epochs or settings are not this search's: such a configuration trains again.
+            if REPEATS_ATTR in trial.user_attrs or trial.user_attrs.get(TRAINED_UNDER_ATTR) != self._trained_under:
                 continue
             try:
                 config = self._space(optuna.trial.FixedTrial(trial.params))
@@ -163,6 +167,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             key = configuration_key(config, cost.architecture)
             if feasible and key not in self._trained:
                 self._key_of[trial_id] = key
+                ot_trial.set_user_attr(TRAINED_UNDER_ATTR, self._trained_under)
                 return config
             ot_trial = self._ot_trials.pop(trial_id)
             if not feasible:

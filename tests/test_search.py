@@ -659,6 +659,28 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
         assert trial.params == original.params and trial.values == original.values
 
 
+def test_a_later_search_of_the_job_reuses_a_result_only_under_the_same_data_and_settings(tmp_path, shapes, local_ray):
+    """search.fixed leaves one configuration. A second search of the same job finds it trained and starts no
+    trial; after the job's epochs change, the earlier result is not this search's measurement, so it trains again
+    (and the study keeps both, each tagged with what it trained under)."""
+    import optuna
+
+    from search.searcher import TRAINED_UNDER_ATTR
+
+    raw = _raw(shapes, "lineage", search={"trials": 1, "fixed": {"phi": 0.0, "fpn_channels": 32, "fpn_repeats": 1}},
+               train={"epochs": 1})
+    _, started, _ = _search_with_instant_trials(tmp_path, raw)
+    assert len(started) == 1
+    outcome, started, _ = _search_with_instant_trials(tmp_path, raw)
+    assert started == [] and outcome.finished == 0 and "already trained" in outcome.first_error
+    outcome, started, study = _search_with_instant_trials(tmp_path, {**raw, "train": {"epochs": 2}})
+    assert len(started) == 1 and outcome.finished == 1
+    trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+               and REPEATS_ATTR not in t.user_attrs]
+    assert len(trained) == 2 and trained[0].params == trained[1].params
+    assert trained[0].user_attrs[TRAINED_UNDER_ATTR] != trained[1].user_attrs[TRAINED_UNDER_ATTR]
+
+
 def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes, local_ray):
     """beta 1.1 and 1.104 at phi 0.5 give backbone widths 0.524 and 0.525, which round to the same channels
     (tests/test_model.py): the second is told the first's results and does not train; a third proposal does."""
