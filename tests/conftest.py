@@ -23,9 +23,9 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), train_images=32, val_images=12, seed=3)
 
 
-# The recipe that learns on 2 CPU cores: the CPU space's default variant, EfficientDet-Lite at 192 px with a BiFPN
-# of 48 channels x 2 cells (0.10 GFLOPs), on the demo's 600 train / 100 val shapes for 5 epochs.
-DEFAULT_VARIANT = {"phi": 1.0, "fpn_channels": 48, "fpn_repeats": 2}
+# The recipe that learns on 2 CPU cores: lite_cpu's reference variant (spaces.search_spaces.LITE_CPU_REFERENCE),
+# EfficientDet-Lite at 192 px with a BiFPN of 48 channels x 2 cells, on the demo's 600 train / 100 val shapes for
+# 5 epochs.
 
 
 @pytest.fixture(scope="session")
@@ -35,17 +35,14 @@ def trained_shapes_model(tmp_path_factory):
     import shutil
     import time
 
-    import optuna
-
-    from spaces.search_spaces import lite_cpu
+    from spaces.search_spaces import lite_cpu_reference
     from trainers.loop import TrialPlan, fit
     from trainers.recipe import TrainConfig
     from trainers.shapes import make_shapes
-    from trainers.spec import ModelSpec
 
     root = tmp_path_factory.mktemp("trained-shapes")
     paths = make_shapes(root / "shapes")  # the demo's 600 train / 100 val images, seed 0
-    spec = ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(DEFAULT_VARIANT))["spec"], "num_classes": 3})
+    spec = lite_cpu_reference(3)
     epochs, final, history = 5, root / "final-checkpoint", []
 
     def keep(metrics, checkpoint):
@@ -100,7 +97,9 @@ def mlflow_uri(tmp_path, monkeypatch):
 
 @contextlib.contextmanager
 def searched_store(folder, raw_job):
-    """Run a real search (local Ray) for raw_job into an SQLite store under folder; shut Ray down after."""
+    """Run a real search (local Ray) for raw_job into an SQLite store under folder; (outcome, client). The search
+    starts its own Ray, shut down after, unless one is up already (a module's shared Ray): it joins that one and
+    leaves it up."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -110,11 +109,13 @@ def searched_store(folder, raw_job):
     uri = empty_mlflow_store(folder)
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
+    own_ray = not ray.is_initialized()
     try:
         outcome = run_search(parse_job(raw_job), store=folder / "store", say=lambda _: None)
         yield outcome, MlflowClient(uri)
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
         patch.undo()
 
 

@@ -1,11 +1,10 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
-import contextlib
 import re
 from dataclasses import replace
 
 import pytest
 import ray
-from conftest import empty_mlflow_store
+from conftest import empty_mlflow_store, searched_store
 from ray import tune
 
 from search.frontier import complete_trials, compute_frontier
@@ -117,8 +116,11 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, one_batch):
     from mlflow.tracking import MlflowClient
 
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(_raw(one_batch, "interrupted", search={"trials": 2, "max_concurrent_trials": 2},
-                                       train={"epochs": 20, "batch_size": 8, "eval_every": 1},
+    # FIFO and epochs that cannot end first: on one batch an epoch takes about 0.3 s, and the default stopper
+    # ended one trial (FINISHED, pruned, as it should stay) before the interrupt once.
+    job.write_text(yaml.safe_dump(_raw(one_batch, "interrupted", search={"trials": 2, "max_concurrent_trials": 2,
+                                                                         "scheduler": "fifo"},
+                                       train={"epochs": 500, "batch_size": 8, "eval_every": 1},
                                        resources={"cpus_per_worker": 1})))
     uri = empty_mlflow_store(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -355,22 +357,6 @@ def local_ray():
     ray.shutdown()
 
 
-@contextlib.contextmanager
-def _searched(folder, raw):
-    """conftest.searched_store on the module's Ray (fixture local_ray), which it leaves up: a real search for raw
-    into an SQLite store under folder; (outcome, client)."""
-    from mlflow.tracking import MlflowClient
-
-    from search.run import run_search
-
-    assert ray.is_initialized(), "ask for fixture local_ray"
-    uri = empty_mlflow_store(folder)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        outcome = run_search(parse_job(raw), store=folder / "store", say=lambda _: None)
-        yield outcome, MlflowClient(uri)
-
-
 @pytest.fixture(scope="module")
 def searched(search_folder, one_batch, local_ray):
     raw = {
@@ -380,7 +366,7 @@ def searched(search_folder, one_batch, local_ray):
         "train": {"epochs": 2, "batch_size": 8, "eval_every": 1},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
     }
-    with _searched(search_folder, raw) as (outcome, client):
+    with searched_store(search_folder, raw) as (outcome, client):
         yield outcome, client, parse_job(raw)
 
 
@@ -498,7 +484,7 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e+12, "warmup_epochs": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
     }
-    with _searched(tmp_path, raw) as (outcome, client):
+    with searched_store(tmp_path, raw) as (outcome, client):
         children = _children(client, outcome)
         assert outcome.failed == 2 and outcome.finished == 0 and outcome.frontier == []
         assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
@@ -529,7 +515,7 @@ def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_set
                     {"image_size": 128, "fpn_channels": 32, "fpn_repeats": 1, "head_repeats": 1, "fusion": "sum",
                      "lr": 0.02, "batch_size": 16, "focal_gamma": 2.0}]},
         train={"epochs": 2, "lr": 0.5, "batch_size": 8}, resources={"cpus_per_worker": 1})
-    with _searched(tmp_path, raw) as (outcome, client):
+    with searched_store(tmp_path, raw) as (outcome, client):
         assert outcome.finished == 2 and outcome.failed == 0
         runs = sorted(_children(client, outcome), key=lambda run: float(run.data.params["train.lr"]))
         assert [(float(r.data.params["train.lr"]), int(r.data.params["train.batch_size"])) for r in runs] == \
@@ -557,7 +543,7 @@ def test_a_search_with_every_train_setting_at_its_default(tmp_path, local_ray):
     job = parse_job(raw)
     assert job.train == TrainConfig() and job.search.space == "compound" and job.search.bounds == {}
     assert replace(job.search, trials=SearchConfig.trials, fixed={}) == SearchConfig()
-    with _searched(tmp_path, raw) as (outcome, client):
+    with searched_store(tmp_path, raw) as (outcome, client):
         (run,) = _children(client, outcome)
         assert outcome.finished == 1 and run.info.status == "FINISHED"
         assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
