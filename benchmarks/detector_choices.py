@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EPOCHS = 5
-DEFAULT_VARIANT = {"phi": 1.0, "fpn_channels": 48, "fpn_repeats": 2}  # as tests/conftest.py
 CHOICES = {
     "base": {},
     "pan": {"neck": "pan"},
@@ -46,16 +45,13 @@ SIDE_BY_SIDE = 2  # rows training at once, one core and one torch thread each
 
 def train_row(name: str, paths: dict) -> tuple:
     """One row, in a process of its own: (name, change, AP, AP50, seconds, GFLOPs, params in millions)."""
-    import optuna
-
-    from spaces.search_spaces import lite_cpu
+    from spaces.search_spaces import lite_cpu_reference
     from trainers.cost import model_cost
     from trainers.loop import TrialPlan, fit
     from trainers.recipe import TrainConfig
-    from trainers.spec import ModelSpec
     from trainers.validate import load_training_data
 
-    base = ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(DEFAULT_VARIANT))["spec"], "num_classes": 3})
+    base = lite_cpu_reference(3)
     spec = base.replace(**CHOICES[name])
     data = load_training_data(paths["train"]["annotations"], paths["train"]["images"],
                               paths["val"]["annotations"], paths["val"]["images"])[0]

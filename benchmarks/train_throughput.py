@@ -38,14 +38,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-import optuna  # noqa: E402
 import torch  # noqa: E402
 from effdet import DetBenchTrain  # noqa: E402
 from effdet.anchors import AnchorLabeler, Anchors  # noqa: E402
 from PIL import Image  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
-from spaces.search_spaces import lite_cpu  # noqa: E402
+from spaces.search_spaces import lite_cpu_reference  # noqa: E402
 from trainers.model import build_model  # noqa: E402
 from trainers.recipe import TrainConfig  # noqa: E402
 from trainers.shapes import make_shapes  # noqa: E402
@@ -79,7 +78,6 @@ BATCH = 16
 TRAIN_IMAGES = 160
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
 EPOCHS = 32  # epoch 1 fills the decoded-image cache and the last also evaluates: epochs 2..31 are compared
-VARIANT = {"phi": 1.0, "fpn_channels": 48, "fpn_repeats": 2}
 
 # The ceiling's step, in the recipe's terms (the trainer's defaults), but written out here.
 LEARNING_RATE = 1e-2
@@ -237,7 +235,7 @@ def median_with_bootstrap_interval(ratios: list[float]) -> tuple[float, float, f
 def main() -> None:
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
-    spec = ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(VARIANT))["spec"], "num_classes": 3})
+    spec = lite_cpu_reference(3)
     print(f"variant: {spec.image_size} px, batch {BATCH}, {THREADS} threads, {os.cpu_count()} cores, "
           f"{STEPS_PER_EPOCH} steps a side in each pair", flush=True)
     with tempfile.TemporaryDirectory() as folder:

@@ -13,6 +13,7 @@ from spaces.compound import compound, compound_bounds, rule_params
 from spaces.detector import detector, detector_bounds
 from spaces.presets import PRESETS, preset
 from spaces.training import training, training_bounds
+from trainers.spec import ModelSpec
 from trainers.typed import ConfigError
 
 Space = Callable[..., dict[str, Any]]
@@ -60,6 +61,17 @@ def lite_cpu(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> dict
         "drop_path_rate": 0.1,  # effdet's own EfficientDet-Lite value
     }
     return {"spec": spec}
+
+
+# lite_cpu's reference point: EfficientDet-Lite at 192 px with a BiFPN of 48 channels x 2 cells (0.10 GFLOPs), the
+# model that the tests and benchmarks train wherever they need one CPU-sized model that learns.
+LITE_CPU_REFERENCE = {"phi": 1.0, "fpn_channels": 48, "fpn_repeats": 2}
+
+
+def lite_cpu_reference(num_classes: int) -> ModelSpec:
+    """The ModelSpec of LITE_CPU_REFERENCE for `num_classes` classes."""
+    return ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(LITE_CPU_REFERENCE))["spec"],
+                                "num_classes": num_classes})
 
 
 def efficientdet(trial: optuna.Trial, backbone: FixedBackbone | None = None) -> dict[str, Any]:

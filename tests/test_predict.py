@@ -4,16 +4,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import torch
-from conftest import DEFAULT_VARIANT
 from PIL import Image
 from torchvision.ops import box_iou
 
 from search.cli import main
 from search.logged_model import log_model
-from spaces.search_spaces import lite_cpu
+from spaces.search_spaces import lite_cpu_reference
 from trainers.checkpoint import save_checkpoint
 from trainers.model import build_model
 from trainers.shapes import CATEGORIES, make_shapes
@@ -27,7 +25,7 @@ SHAPE_IDS = {c["id"] for c in CATEGORIES}
 
 
 def _spec() -> ModelSpec:
-    return ModelSpec.from_dict({**lite_cpu(optuna.trial.FixedTrial(DEFAULT_VARIANT))["spec"], "num_classes": 3})
+    return lite_cpu_reference(3)
 
 
 def _logged(folder: Path, checkpoint: Path, *, experiment: str = "predict-test") -> str:
