@@ -49,7 +49,7 @@ def _placed_trial(config, *, setup):
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head that offers no CPU, as in cluster.yaml (whatever a trial reserves lands on the worker nodes), and two
-    worker nodes of 4 CPUs and 4 fake GPUs each; the searches reach it through RAY_ADDRESS. One cluster for the
+    worker nodes of 2 CPUs and 2 fake GPUs each; the searches reach it through RAY_ADDRESS. One cluster for the
     module: the placement test uses it whole, and the lost-node test, which comes last, removes one of its nodes.
     Its Ray temp folder is its own (short: Ray's socket paths must fit 107 characters), so that its address file
     is not the machine's."""
@@ -62,7 +62,7 @@ def two_nodes():
         cluster = start_cluster(num_cpus=0)
         try:
             for _ in range(2):
-                cluster.add_node(num_cpus=4, num_gpus=4)
+                cluster.add_node(num_cpus=2, num_gpus=2)
             cluster.wait_for_nodes()
             patch.setenv("RAY_ADDRESS", cluster.address)
             yield cluster
@@ -74,22 +74,22 @@ def two_nodes():
 
 def test_trials_of_two_gpu_workers_each_share_a_node_and_no_gpu_is_double_booked(
         tmp_path, shapes, two_nodes, monkeypatch, module_by_value):
-    """4 trials of 2 workers x 1 GPU side by side fill two nodes of 4 GPUs and 4 CPUs. When each trial's driver
-    reserved 0.01 CPU on a GPU node, a trial's workers no longer fit beside another's and were split over both
-    nodes."""
+    """2 trials of 2 workers x 1 GPU side by side fill two nodes of 2 GPUs and 2 CPUs. When each trial's driver
+    reserved 0.01 CPU on a GPU node, a trial's workers no longer fit on one node and were split over both. (Two
+    trials on nodes of 2 show it as four on nodes of 4 did, with half the Train worker groups to start.)"""
     gpu_nodes = {node.node_id for node in two_nodes.worker_nodes}
     _PLACEMENTS["folder"] = str(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path))
     raw = {"name": "gpus", "data": {"train": shapes["train"], "val": shapes["val"]},
-           "search": {"space": "lite_cpu", "trials": 4, "max_concurrent_trials": 4, "scheduler": "fifo"},
+           "search": {"space": "lite_cpu", "trials": 2, "max_concurrent_trials": 2, "scheduler": "fifo"},
            "train": {"epochs": 1},
            "resources": {"workers_per_trial": 2, "gpus_per_worker": 1, "cpus_per_worker": 1}}
     outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None, trainable=_placed_trial)
-    assert outcome.finished == 4 and outcome.failed == 0
+    assert outcome.finished == 2 and outcome.failed == 0
 
     records = [json.loads(p.read_text()) for p in tmp_path.glob("train-*.json")]
     trials = {r["run"] for r in records}
-    assert len(trials) == 4 and len(records) == 8
+    assert len(trials) == 2 and len(records) == 4
     for run in trials:
         workers = [r for r in records if r["run"] == run]
         assert sorted(w["rank"] for w in workers) == [0, 1]
