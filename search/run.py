@@ -106,7 +106,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             budget=_budget(job),
             metric=METRICS, mode=MODES, sampler=_sampler(job), points_to_evaluate=_enqueued(job, space),
             enqueued_labels=tuple(_label(entry, index) for index, entry in enumerate(job.search.enqueue)),
-            study_name=job.name, storage=journal,
+            study_name=job.name, storage=journal, fixed=job.search.fixed,
             trained_under=training_key(comparable, {"train": asdict(job.train), "model": asdict(job.model)}))
         logger = MlflowTrialLogger(client, experiment_id, parent_id, job.train.epochs, job.search.max_gflops,
                                    number_of=searcher.optuna_number, comparable=comparable,
@@ -177,6 +177,10 @@ def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOp
         client.log_metric(parent_id, "repeated_proposals", searcher.repeats)
         said = "1 proposal" if searcher.repeats == 1 else f"{searcher.repeats} proposals"
         say(f"search: {said} repeated a trained configuration and reused its results")
+    if searcher.repeats_of_running:
+        client.log_metric(parent_id, "repeated_running_proposals", searcher.repeats_of_running)
+        said = "1 proposal" if searcher.repeats_of_running == 1 else f"{searcher.repeats_of_running} proposals"
+        say(f"search: {said} repeated a configuration still training and did not start")
     if searcher.exhausted:
         say(f"search ended early: {searcher.exhausted}")
     infeasible = sum(not ok for _, ok in searcher.proposals)

@@ -11,6 +11,11 @@ A proposal whose configuration (model spec, and searched training settings) equa
 study (in this search, an earlier search of the job, or a warm start) is told to Optuna with that trial's own
 results (COMPLETE, tagged with the trial it repeats) and is not trained again, if that trial trained under the
 same data and job settings (`trained_under`); a trial of other data or other epochs only informs the sampler.
+A proposal equal to a configuration still training does not start either (Optuna 5's TPE only discourages that,
+by its constant liar); it is told PRUNED, without values.
+
+A space whose parameters are all discrete is finite: once each of its parameter sets has been turned away for
+good (over the budget, or trained), the search ends at once instead of after MAX_PROPOSALS proposals.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -30,6 +36,8 @@ from trainers.spec import ModelSpec
 GFLOPS_ATTR = "gflops"
 PARAMS_ATTR = "params_m"
 REPEATS_ATTR = "effsearch.repeats_trial"  # on a repeated proposal: the Optuna number of the trial it repeats
+# On a proposal of a configuration that was still training: the Optuna number of the trial training it.
+REPEATS_RUNNING_ATTR = "effsearch.repeats_running_trial"
 # On a trial that trains: the data and job settings it trained under (search.lineage.training_key).
 TRAINED_UNDER_ATTR = "effsearch.trained_under"
 # Proposals in a row over budget before the search gives up on the space.
@@ -51,8 +59,8 @@ class Budget:
         return self.constraints_of(getattr(cost, "gflops", None), cost.params_m)
 
     def describe(self) -> str:
-        limits = [f"search.{key} {value:g}" for key, value in (("max_gflops", self.max_gflops),
-                                                               ("max_params_m", self.max_params_m)) if value is not None]
+        named = (("max_gflops", self.max_gflops), ("max_params_m", self.max_params_m))
+        limits = [f"search.{key} {value:g}" for key, value in named if value is not None]
         return ", ".join(limits) or "none set"
 
     def explain(self, cost: ModelShape) -> str:
@@ -105,6 +113,26 @@ TRAINED_SECTIONS = ("spec", "train")
 BACKBONE_MULTIPLIERS = ("backbone_width", "backbone_depth")
 
 
+def parameter_sets(distributions: dict[str, set[BaseDistribution]], fixed: dict) -> int | None:
+    """How many parameter sets a space can propose, from the distributions its proposals used (a parameter held
+    by search.fixed has one value): None where a parameter is continuous, or its distribution changed between
+    proposals (the count would not be sure). For a space with branches it is a bound, never an undercount."""
+    count = 1
+    for name, seen in distributions.items():
+        if name in fixed:
+            continue
+        if len(seen) != 1:
+            return None
+        (distribution,) = seen
+        if isinstance(distribution, CategoricalDistribution):
+            count *= len(distribution.choices)
+        elif getattr(distribution, "step", None) is None:  # a float without a step
+            return None
+        else:
+            count *= int(round((distribution.high - distribution.low) / distribution.step)) + 1
+    return count
+
+
 def configuration_key(config: dict, architecture: str) -> str:
     """One string per trained configuration: the network it builds, the rest of its spec and any searched
     training settings."""
@@ -115,12 +143,15 @@ def configuration_key(config: dict, architecture: str) -> str:
 
 class BudgetedOptunaSearch(OptunaSearch):
     """OptunaSearch whose suggest() only returns in-budget configurations not trained before; `proposals`
-    keeps (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are turned away it ends
-    the search (Searcher.FINISHED) and says why in `exhausted`."""
+    keeps (gflops, feasible) of every proposal in order. If MAX_PROPOSALS in a row are turned away, or every
+    parameter set of a finite space is turned away for good, it ends the search (Searcher.FINISHED) and says why
+    in `exhausted`. `fixed` is search.fixed, which the sampler holds."""
 
     def __init__(self, space, *, cost_of: Callable[[dict], ModelShape], budget: Budget = Budget(),
-                 enqueued_labels: tuple[str, ...] = (), trained_under: str = "", **kwargs):
+                 enqueued_labels: tuple[str, ...] = (), trained_under: str = "", fixed: dict | None = None,
+                 **kwargs):
         self._cost_of, self._budget, self._trained_under = cost_of, budget, trained_under
+        self._fixed = dict(fixed or {})
         # search.enqueue's entries (rule:1, d0), one per point of points_to_evaluate, to name the trials they start.
         self._enqueued = list(zip(enqueued_labels, kwargs.get("points_to_evaluate") or ()))
         # Told of each over-budget proposal (its Optuna number, config, GFLOPs, params, reason): the run logger.
@@ -128,8 +159,11 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._infeasible_told: set[str] = set()  # configurations already told to on_infeasible
         self.proposals: list[tuple[float | None, bool]] = []  # GFLOPs are None where none were counted
         self.repeats = 0  # proposals answered with an earlier trial's results
+        self.repeats_of_running = 0  # proposals of a configuration that was training at the time
         self.exhausted = ""
-        self._key_of: dict[str, str] = {}  # Tune trial id -> its model spec's key
+        self._key_of: dict[str, str] = {}  # Tune trial id -> its model spec's key, while it trains
+        self._distributions: dict[str, set[BaseDistribution]] = {}  # parameter -> the distributions proposed with
+        self._settled: set[str] = set()  # parameter sets whose proposal is turned away for good
         self._trained: dict[str, tuple[list[float], int]] = {}  # key -> (objective values, Optuna trial number)
         super().__init__(space, **kwargs)  # sets up the study, which fills _trained from it
 
@@ -149,9 +183,14 @@ class BudgetedOptunaSearch(OptunaSearch):
             self._trained.setdefault(key, (list(trial.values), trial.number))
 
     def suggest(self, trial_id: str) -> Optional[dict]:
+        if self._only_training_left():
+            return None  # Tune asks again; by then a trial has ended, and its set is trained or free again
         for _ in range(MAX_PROPOSALS):
             config = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
+            for name, distribution in ot_trial.distributions.items():
+                self._distributions.setdefault(name, set()).add(distribution)
+            params = json.dumps(ot_trial.params, sort_keys=True)
             cost = self._cost_of(config["spec"])
             gflops = getattr(cost, "gflops", None)  # counted only under a GFLOPs budget
             if gflops is not None:
@@ -165,11 +204,22 @@ class BudgetedOptunaSearch(OptunaSearch):
             # What trains is the configuration, not the parameters: ones that do not change it (alpha and beta at
             # phi 0, a backbone width within one channel rounding) make no new trial.
             key = configuration_key(config, cost.architecture)
-            if feasible and key not in self._trained:
+            training = {k: n for n, k in self._key_of.items()}
+            if feasible and key not in self._trained and key not in training:
                 self._key_of[trial_id] = key
                 ot_trial.set_user_attr(TRAINED_UNDER_ATTR, self._trained_under)
                 return config
             ot_trial = self._ot_trials.pop(trial_id)
+            if feasible and key in training:
+                # Its results are not in yet, and the trial training it may still fail: not turned away for good.
+                running = self._ot_trials.get(training[key])
+                ot_trial.set_user_attr(REPEATS_RUNNING_ATTR, running.number if running is not None else -1)
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                self.repeats_of_running += 1
+                if self._only_training_left():
+                    return None
+                continue
+            self._settled.add(params)
             if not feasible:
                 ot_trial.set_user_attr(STATE_TAG, INFEASIBLE)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
@@ -182,14 +232,29 @@ class BudgetedOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(REPEATS_ATTR, number)
                 self._ot_study.tell(ot_trial, values)
                 self.repeats += 1
+            sets = parameter_sets(self._distributions, self._fixed)
+            if sets is not None and len(self._settled) >= sets:
+                return self._finish(f"all of the space's parameter sets ({sets})")
+        return self._finish(f"{MAX_PROPOSALS} proposals in a row")
+
+    def _only_training_left(self) -> bool:
+        """Every parameter set of a finite space is either turned away for good or training now."""
+        sets = parameter_sets(self._distributions, self._fixed) if self._key_of else None
+        training = {json.dumps(self._ot_trials[trial_id].params, sort_keys=True) for trial_id in self._key_of}
+        return sets is not None and len(self._settled | training) >= sets
+
+    def _finish(self, what: str) -> str:
         counted = [g for g, _ in self.proposals[-MAX_PROPOSALS:] if g is not None]
         cheapest = f" (the cheapest {min(counted):.3f} GFLOPs)" if counted else ""
-        self.exhausted = (f"{MAX_PROPOSALS} proposals in a row were over the budget ({self._budget.describe()}) "
-                          f"or already trained{cheapest}: raise the budget, widen the space, or ask for fewer trials")
+        budgeted = self._budget != Budget()
+        why = f"over the budget ({self._budget.describe()}) or already trained{cheapest}" if budgeted \
+            else "already trained"
+        self.exhausted = f"{what} were {why}: raise the budget, widen the space, or ask for fewer trials"
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
+        key = self._key_of.pop(trial_id, None)  # trained or not, it no longer holds its configuration
         if ot_trial is not None and not error and result and result.get(FULL_BUDGET_KEY) != 1:
             # Stopped early by the scheduler: Ray's OptunaSearch would tell its low-budget values as COMPLETE,
             # and they would sit on the study's front. Optuna gets PRUNED, and no values.
@@ -199,8 +264,9 @@ class BudgetedOptunaSearch(OptunaSearch):
             return
         super().on_trial_complete(trial_id, result, error)
         values = [result.get(metric) for metric in self.metric] if result and not error else []
-        if ot_trial is not None and trial_id in self._key_of and values and None not in values:
-            self._trained[self._key_of[trial_id]] = (values, ot_trial.number)
+        if ot_trial is not None and key is not None and values and None not in values:
+            self._trained[key] = (values, ot_trial.number)
+            self._settled.add(json.dumps(ot_trial.params, sort_keys=True))
 
     def enqueued_label(self, trial_id: str) -> Optional[str]:
         """The search.enqueue entry a running Tune trial was proposed from, if it was."""

@@ -137,7 +137,11 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, one_batch):
                 trained = bool(runs)
         assert trained, "no trial reported an epoch within 240 s"
         search.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, err = search.communicate(timeout=120)
+        try:
+            out, err = search.communicate(timeout=120)
+        except subprocess.TimeoutExpired as stuck:
+            tails = [(stream or b"").decode(errors="replace")[-3000:] for stream in (stuck.stdout, stuck.stderr)]
+            pytest.fail("the search did not end within 120 s of SIGINT; stdout:\n{}\nstderr:\n{}".format(*tails))
     finally:
         if search.poll() is None:
             os.killpg(search.pid, signal.SIGKILL)
@@ -561,8 +565,8 @@ def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, sha
     from search.cli import main
 
     job = tmp_path / "job.yaml"
-    # phi held at 0, where lite_cpu's cheapest configuration lies: the driver counts the FLOPs of each of the 9
-    # configurations left once (about 0.5 s each here), not of all 27, before 500 proposals have been turned away.
+    # phi held at 0, where lite_cpu's cheapest configuration lies: 9 configurations are left, and the search ends
+    # once each has been proposed and turned away (the driver counts each one's FLOPs once, about 0.5 s here).
     job.write_text(yaml.safe_dump(_raw(shapes, "nothing-fits", search={"trials": 2, "max_gflops": 0.001,
                                                                         "fixed": {"phi": 0.0}})))
     monkeypatch.chdir(tmp_path)
@@ -570,8 +574,8 @@ def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, sha
     assert main(["search", str(job)]) == 1  # on the module's Ray (fixture local_ray), which stays up
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
-    assert err.startswith("effsearch: error: no trial started: 500 proposals in a row were over the budget "
-                          "(search.max_gflops 0.001) or already trained (the cheapest 0.045 GFLOPs)")
+    assert err.startswith("effsearch: error: no trial started: all of the space's parameter sets (9) were over "
+                          "the budget (search.max_gflops 0.001) or already trained (the cheapest 0.045 GFLOPs)")
 
 
 def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes, local_ray):
@@ -643,6 +647,69 @@ def test_a_repeated_proposal_is_answered_with_the_earlier_result_not_trained_aga
     for trial in repeats:
         original = study.trials[trial.user_attrs[REPEATS_ATTR]]
         assert trial.params == original.params and trial.values == original.values
+
+
+def _slow_trial(config, *, setup):
+    """As _instant_trial, after 3 s: long enough that the next proposal comes while it trains."""
+    import time
+
+    time.sleep(3)
+    _instant_trial(config, setup=setup)
+
+
+def test_a_proposal_of_a_configuration_still_training_does_not_start_a_second_trial(tmp_path, shapes, local_ray):
+    """Two enqueued points that build the same network (beta 1.1 and 1.104 at phi 0.5, as in the test above), 2
+    trials at a time. The second comes while the first trains: it is told PRUNED (no values yet) and the sampler
+    is asked again, so the 2 trials train 2 networks. Before, the network trained twice side by side."""
+    import optuna
+
+    from search.searcher import REPEATS_RUNNING_ATTR, CostCounter
+
+    point = {"phi": 0.5, "alpha": 1.2, "fpn_width_base": 40, "fpn_width_growth": 1.35, "fpn_depth_base": 2,
+             "fpn_depth_slope": 1.0, "head_depth_base": 2}
+    raw = _raw(shapes, "running-repeat", search={
+        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 2, "max_concurrent_trials": 2,
+        "scheduler": "fifo", "enqueue": [{**point, "beta": 1.1}, {**point, "beta": 1.104}]},
+        train={"epochs": 1}, resources={"cpus_per_worker": 1})  # two trials fit side by side on 2 CPUs
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw, trainable=_slow_trial)
+    assert outcome.finished == 2 and len(started) == 2 and started[0]["backbone_width"] == 0.524
+    architectures = {CostCounter(3)(spec).architecture for spec in started}
+    assert len(architectures) == 2  # two networks, not two specs that round to one
+    waiting = study.trials[1]
+    assert waiting.params["beta"] == 1.104 and waiting.state == optuna.trial.TrialState.PRUNED
+    assert waiting.user_attrs[REPEATS_RUNNING_ATTR] == 0 and not waiting.values
+
+
+def test_when_only_a_training_configuration_is_left_the_search_waits_for_it(tmp_path, shapes, local_ray):
+    """search.fixed leaves one configuration and the job asks for 2 trials, 2 at a time: the searcher proposes
+    nothing while the first trial trains (Tune asks again and again meanwhile; the study does not fill up), then
+    finds the configuration trained and ends the search with one trial and one told repeat."""
+    from search.searcher import REPEATS_ATTR
+
+    raw = _raw(shapes, "running-wait", search={
+        "trials": 2, "max_concurrent_trials": 2, "fixed": {"phi": 0.0, "fpn_channels": 32, "fpn_repeats": 1}},
+        train={"epochs": 1}, resources={"cpus_per_worker": 1})
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw, trainable=_slow_trial)
+    assert len(started) == 1 and outcome.finished == 1
+    assert outcome.first_error.startswith("all of the space's parameter sets (1) were already trained")
+    assert len(study.trials) == 2 and study.trials[1].user_attrs[REPEATS_ATTR] == 0
+
+
+def test_the_parameter_sets_of_a_space_are_counted_from_its_distributions():
+    """The count that ends a finite search: categorical choices, stepped ints and floats multiply; a held
+    parameter counts once; a float without a step, or a parameter proposed with two distributions, is no count."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from search.searcher import parameter_sets
+
+    seen = {"phi": {CategoricalDistribution((0, 0.5, 1))}, "repeats": {IntDistribution(1, 9, step=2)},
+            "base": {FloatDistribution(0.0, 1.0, step=0.25)}}
+    assert parameter_sets(seen, {}) == 3 * 5 * 5
+    assert parameter_sets(seen, {"phi": 0}) == 5 * 5
+    assert parameter_sets({**seen, "lr": {FloatDistribution(1e-4, 1e-2, log=True)}}, {}) is None
+    assert parameter_sets({**seen, "lr": {FloatDistribution(1e-4, 1e-2, log=True)}}, {"lr": 1e-3}) == 75
+    assert parameter_sets({**seen, "phi": {CategoricalDistribution((0, 1)), CategoricalDistribution((0, 2))}},
+                          {}) is None
 
 
 def test_a_later_search_of_the_job_reuses_a_result_only_under_the_same_data_and_settings(tmp_path, shapes, local_ray):
