@@ -95,15 +95,16 @@ class ExperimentFrontier:
 
     def describe(self) -> str:
         where = self.among.describe() if self.among else "runs recorded before data hashes"
-        text = (f"compared {_count(len(self.compared), 'complete run')} of {_count(self.searches, 'search')} "
+        text = (f"compared {counted(len(self.compared), 'complete run')} of {counted(self.searches, 'search')} "
                 f"({where})")
         if self.left_out:
-            text += (f"; {_count(self.left_out, 'complete run')} of other data or epoch budgets "
+            text += (f"; {counted(self.left_out, 'complete run')} of other data or epoch budgets "
                      f"{'is' if self.left_out == 1 else 'are'} not compared")
         return text
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """n of a noun, in words: 1 search, 3 searches."""
     return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 

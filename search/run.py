@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
-from search.frontier import TrialPoint, record_frontier
+from search.frontier import TrialPoint, counted, record_frontier
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
 from search.lineage import SPLIT_HASH_TAG, Comparable, split_hashes, training_key
 from search.progress import ProgressPrinter
@@ -175,12 +175,11 @@ def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOp
     """How many proposals were turned away (over budget, or repeats), on the parent run and the console."""
     if searcher.repeats:
         client.log_metric(parent_id, "repeated_proposals", searcher.repeats)
-        said = "1 proposal" if searcher.repeats == 1 else f"{searcher.repeats} proposals"
-        say(f"search: {said} repeated a trained configuration and reused its results")
+        say(f"search: {counted(searcher.repeats, 'proposal')} repeated a trained configuration and reused its results")
     if searcher.repeats_of_running:
         client.log_metric(parent_id, "repeated_running_proposals", searcher.repeats_of_running)
-        said = "1 proposal" if searcher.repeats_of_running == 1 else f"{searcher.repeats_of_running} proposals"
-        say(f"search: {said} repeated a configuration still training and did not start")
+        say(f"search: {counted(searcher.repeats_of_running, 'proposal')} repeated a configuration still training "
+            "and did not start")
     if searcher.exhausted:
         say(f"search ended early: {searcher.exhausted}")
     infeasible = sum(not ok for _, ok in searcher.proposals)

@@ -212,8 +212,8 @@ class BudgetedOptunaSearch(OptunaSearch):
             ot_trial = self._ot_trials.pop(trial_id)
             if feasible and key in training:
                 # Its results are not in yet, and the trial training it may still fail: not turned away for good.
-                running = self._ot_trials.get(training[key])
-                ot_trial.set_user_attr(REPEATS_RUNNING_ATTR, running.number if running is not None else -1)
+                # (Ray's OptunaSearch keeps every trial it asked for in _ot_trials.)
+                ot_trial.set_user_attr(REPEATS_RUNNING_ATTR, self._ot_trials[training[key]].number)
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
                 self.repeats_of_running += 1
                 if self._only_training_left():
