@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from trainers.errors import InputError
+
 # Nothing may be fetched at run time: no hub look-ups from timm or huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -19,8 +21,8 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 
-class UsageError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+class UsageError(InputError):
+    """A bad argument: printed as one line, exit status 2."""
 
 
 class SearchFailed(Exception):
@@ -33,13 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from search.cluster import ClusterError
-    from search.frontier import FrontierError
-    from search.job import JobError
+    # Each command imports what it needs; the errors are caught by their light bases, so that a bad file or
+    # name is reported without importing torch first.
     from search.ray_runtime import RayUnreachable
-    from trainers.data import DataError
-    from trainers.predict import PredictError
-    from trainers.typed import ConfigError
 
     # MLflow logs store migrations and registrations at INFO (set on import); the CLI prints its own summary.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args) or 0
-    except (UsageError, JobError, ConfigError, DataError, FrontierError, ClusterError, PredictError) as err:
+    except InputError as err:  # a job, config, data, frontier, cluster, predict or usage error
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 2
     except (SearchFailed, RayUnreachable) as err:

@@ -22,6 +22,7 @@ import yaml
 from search.job import STORAGE_VARIABLE, Job, load_job
 from search.ray_runtime import ADDRESS_VARIABLE, RayUnreachable, check_reachable
 from search.tracking import STORE_VARIABLE
+from trainers.errors import InputError
 
 JOB_FILE = "job.yaml"
 EXPERIMENT_KEY = "effsearch.experiment"  # in a Ray job's metadata
@@ -40,7 +41,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PACKAGES = ("search", "spaces", "trainers")
 
 
-class ClusterError(Exception):
+class ClusterError(InputError):
     """A submission or job request that cannot go ahead; the message names the key, path or job."""
 
 

@@ -12,6 +12,7 @@ from search.lineage import Comparable
 from search.pareto import hypervolume, pareto_front
 from search.states import COMPLETE, STATE_TAG
 from search.tracking import ENQUEUED_TAG, ERROR_TAG, FRONTIER_TAG, PARENT_TAG, REASON_TAG
+from trainers.errors import InputError
 
 SEARCH_KIND_FILTER = "tags.`effsearch.kind` = 'search'"
 
@@ -33,8 +34,8 @@ class TrialPoint:
         return dict(self.__dict__)
 
 
-class FrontierError(LookupError):
-    pass
+class FrontierError(InputError, LookupError):
+    """An experiment, run or frontier the command cannot use; the message names it."""
 
 
 def _point(run) -> TrialPoint:

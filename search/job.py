@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from spaces import enqueued_params, fixed_value_problems, make_space, space_names
+from trainers.errors import InputError
 from trainers.recipe import TrainConfig
 from trainers.validate import CHECK_MODES
 from trainers.typed import ConfigError, from_mapping
@@ -17,7 +18,7 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SCHEDULERS = ("pareto", "asha", "fifo")
 
 
-class JobError(ValueError):
+class JobError(InputError, ValueError):
     """The job file is unusable; the message names the file and the key."""
 
 

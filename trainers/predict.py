@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from trainers.annotations import LabelMap
 from trainers.centernet import decode as decode_centers
 from trainers.data import FILL_COLOR, to_model_input
+from trainers.errors import InputError
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
 
@@ -20,7 +21,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 BATCH_SIZE = 8
 
 
-class PredictError(LookupError):
+class PredictError(InputError, LookupError):
     """A model, image or folder that prediction cannot use; the message names it."""
 
 

@@ -6,10 +6,12 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from trainers.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names its key."""
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from trainers.annotations import SplitIndex, TrainingData
+from trainers.errors import InputError
 
 CHECK_MODES = ("full", "headers", "sample")
 SAMPLE_SIZE = 500  # images decoded in full by data.check: sample
@@ -21,7 +22,7 @@ SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the stored pixels by 90
 PROGRESS_EVERY_S = 10.0
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """The dataset is unusable; the message names the file and the record."""
 
 
