@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Each command imports what it needs; the errors are caught by their light bases, so that a bad file or
     # name is reported without importing torch first.
+    from search.interrupts import CloseAbandoned
     from search.ray_runtime import RayUnreachable
 
     # MLflow logs store migrations and registrations at INFO (set on import); the CLI prints its own summary.
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SearchFailed, RayUnreachable) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 1
+    except CloseAbandoned:
+        print("effsearch: interrupted while its runs were closing: some may show RUNNING in MLflow; finished trials "
+              "stay recorded, and `effsearch search JOB --resume` continues the search", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("effsearch: interrupted; the search and its open trials are marked KILLED in MLflow, "
               "finished trials stay recorded", file=sys.stderr)

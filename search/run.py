@@ -16,6 +16,7 @@ from ray import tune
 
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, counted, record_frontier
+from search.interrupts import held_interrupts
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
 from search.lineage import SPLIT_HASH_TAG, Comparable, split_hashes, training_key
 from search.progress import ProgressPrinter
@@ -81,6 +82,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         parent_id = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                       tags={"effsearch.kind": "search"}).info.run_id
     status, children_status = "FAILED", "FAILED"
+    presses: list[int] = []  # Ctrl-Cs while the search closes, counted over both of its held blocks
     try:
         if record is None:
             params = [mlflow.entities.Param(key, str(value)) for key, value in _flat_params(job).items()]
@@ -149,20 +151,23 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             status = children_status = "KILLED"
             raise
         finally:
-            feasible_share = _record_proposals(client, parent_id, searcher, say)
+            with held_interrupts(presses):
+                feasible_share = _record_proposals(client, parent_id, searcher, say)
         status = "FINISHED"
     finally:
         # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
         # runs too, the trials already recorded keep their frontier tags, and the parent is closed even if
-        # drawing the frontier fails. (A driver killed outright closes nothing; --resume continues it.)
-        try:
-            close_open_runs(client, experiment_id, parent_id, children_status)
-            frontier = record_frontier(client, experiment_id, parent_id, comparable, job.search.max_gflops)
-        finally:
-            client.set_terminated(parent_id, status)
-            if status == "FINISHED":  # nothing left to resume
-                tune_path = record.tune_path if record else _join(storage_path, name)
-                save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
+        # drawing the frontier fails. (A driver killed outright closes nothing; --resume continues it.) A second
+        # Ctrl-C waits for this; a third quits.
+        with held_interrupts(presses):
+            try:
+                close_open_runs(client, experiment_id, parent_id, children_status)
+                frontier = record_frontier(client, experiment_id, parent_id, comparable, job.search.max_gflops)
+            finally:
+                client.set_terminated(parent_id, status)
+                if status == "FINISHED":  # nothing left to resume
+                    tune_path = record.tune_path if record else _join(storage_path, name)
+                    save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
     failed = [r for r in results if r.error is not None]
     pruned = [r for r in results if r.error is None and (r.metrics or {}).get(FULL_BUDGET_KEY) != 1]
     first_error = str(failed[0].error).strip().splitlines()[-1] if failed else searcher.exhausted
