@@ -88,6 +88,10 @@ def start_ray(address: ClusterAddress | None) -> None:
     # Ctrl-C must stop the search, not ask Tune to wind it down and then report success: with Tune's
     # handler off it raises KeyboardInterrupt here, the runs are ended KILLED, and the command exits 130.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune adds a TensorBoard logger to every run. After a Ctrl-C pressed twice, the driver hung at exit for good
+    # (seen here): the logger's atexit close waited on its writer thread, whose queue never delivered the stop.
+    # MLflow holds the metrics; search/run.py adds back Tune's CSV and JSON loggers, which its analysis reads.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # Tune snapshots its trials and searcher at most every 10 s by default; a driver killed in that window would,
     # on --resume, run a trial again that had already finished. Every 2 s narrows the window; a snapshot of
     # a search's state takes milliseconds.

@@ -13,6 +13,7 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, counted, record_frontier
@@ -137,7 +138,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage_path,
-                    callbacks=[logger, ProgressPrinter(job.search.trials, job.train.epochs), *callbacks],
+                    callbacks=[logger, ProgressPrinter(job.search.trials, job.train.epochs), CSVLoggerCallback(),
+                               JsonLoggerCallback(), *callbacks],
                     # A one-worker trial trains in Tune's trial and resumes from Tune's checkpoints; several
                     # workers are restarted by their TorchTrainer instead, from Train's.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),

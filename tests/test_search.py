@@ -765,6 +765,11 @@ def test_enqueued_points_are_the_first_trials(tmp_path, shapes, local_ray):
     assert sizes[:2] == [(160, 48, 2), (192, 64, 3)]  # the rule in the CPU bounds (tests/test_spaces.py)
     assert study.trials[2].params["fpn_width_base"] == 24 and study.trials[2].params["phi"] == 0.5
     assert started[2]["fpn_repeats"] == round(1 + 0.5 * study.trials[2].params["fpn_depth_slope"])
+    # Tune's CSV and JSON results are kept in each trial's folder; its TensorBoard logger, whose writer thread
+    # hung the driver at exit after a second Ctrl-C, is not added (search/ray_runtime.py).
+    trial_files = [path.name for path in (tmp_path / "store" / "ray").glob("*/*/*") if path.is_file()]
+    assert trial_files.count("result.json") == trial_files.count("progress.csv") == 4
+    assert not [name for name in trial_files if name.startswith("events.out.tfevents")]
 
 
 def _curves_table(path):
