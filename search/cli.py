@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Each command imports what it needs; the errors are caught by their light bases, so that a bad file or
     # name is reported without importing torch first.
+    import ray
+
     from search.interrupts import CloseAbandoned
     from search.ray_runtime import RayUnreachable
 
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # A SIGTERM (a scheduler's or a container's stop) ends a search as Ctrl-C does: its runs are closed KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
+    ray_was_up = ray.is_initialized()  # a caller's Ray (a test's) stays up
     try:
         return args.func(args) or 0
     except InputError as err:  # a job, config, data, frontier, cluster, predict or usage error
@@ -61,10 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         print("effsearch: interrupted; the search and its open trials are marked KILLED in MLflow, "
               "finished trials stay recorded", file=sys.stderr)
         return 130
+    finally:
+        if ray.is_initialized() and not ray_was_up:
+            _stop_ray()
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _stop_ray() -> None:
+    """Stop the Ray the command started (or leave the cluster it joined) here rather than in Ray's exit hook: a
+    Ctrl-C in those seconds of the hook cut Ray's shutdown short and printed a traceback (seen here)."""
+    import ray
+
+    from search.interrupts import RAY_STOP_NOTICE, CloseAbandoned, held_interrupts
+
+    try:
+        with held_interrupts(notice=RAY_STOP_NOTICE):
+            ray.shutdown()
+    except CloseAbandoned:
+        pass  # pressed twice more: quit now, as the notice said
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""held_interrupts(): a Ctrl-C pressed while a search closes its MLflow runs waits for them; another quits."""
+"""held_interrupts(): a Ctrl-C pressed while a search closes its runs (or its Ray) waits for that; another quits."""
 from __future__ import annotations
 
 import signal
@@ -14,11 +14,13 @@ class CloseAbandoned(KeyboardInterrupt):
 
 HELD_NOTICE = ("effsearch: closing the search's runs in MLflow (a few seconds); press Ctrl-C again to quit now and "
                "leave them RUNNING (`effsearch search JOB --resume` continues it)")
+RAY_STOP_NOTICE = ("effsearch: stopping the local Ray (a few seconds); press Ctrl-C again to quit now and leave its "
+                   "processes running")
 
 
 @contextmanager
-def held_interrupts(pressed: list[int] | None = None) -> Iterator[None]:
-    """While the block runs, the first SIGINT or SIGTERM prints HELD_NOTICE and is otherwise ignored, and the next
+def held_interrupts(pressed: list[int] | None = None, notice: str = HELD_NOTICE) -> Iterator[None]:
+    """While the block runs, the first SIGINT or SIGTERM prints the notice and is otherwise ignored, and the next
     raises CloseAbandoned. A user who presses Ctrl-C twice (the first press starts the close) would otherwise
     cut the close short and leave runs RUNNING. Blocks that share `pressed` count the presses together. The
     handlers are restored after; in a thread other than the main one, where Python cannot set handlers, the block
@@ -32,7 +34,7 @@ def held_interrupts(pressed: list[int] | None = None) -> Iterator[None]:
         if pressed:
             raise CloseAbandoned
         pressed.append(signum)
-        print(HELD_NOTICE, file=sys.stderr, flush=True)
+        print(notice, file=sys.stderr, flush=True)
 
     previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

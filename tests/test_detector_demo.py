@@ -28,9 +28,10 @@ def detector_demo(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         try:
             code = main(["demo", "--detector", "--dir", str(folder / "demo"), "--trials", "2", "--epochs", "1"])
+            ray_left_up = ray.is_initialized()
         finally:
             ray.shutdown()
-        yield {"code": code, "folder": folder, "client": MlflowClient(uri), "patch": patch}
+        yield {"code": code, "folder": folder, "client": MlflowClient(uri), "patch": patch, "ray_left_up": ray_left_up}
 
 
 def _children(client):
@@ -40,6 +41,7 @@ def _children(client):
 
 def test_the_search_trains_both_heads_and_records_their_choices(detector_demo):
     assert detector_demo["code"] == 0
+    assert not detector_demo["ray_left_up"]  # the command stops the Ray it started (search/cli.py, _stop_ray)
     runs = _children(detector_demo["client"])
     assert len(runs) == 2
     assert {r.data.tags["effsearch.state"] for r in runs} == {"complete"}

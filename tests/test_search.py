@@ -573,6 +573,7 @@ def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, sha
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_store(tmp_path))
     capsys.readouterr()  # only the command's own output: the first store of a session logs its creation
     assert main(["search", str(job)]) == 1  # on the module's Ray (fixture local_ray), which stays up
+    assert ray.is_initialized()
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     assert err.startswith("effsearch: error: no trial started: all of the space's parameter sets (9) were over "
