@@ -13,7 +13,15 @@ import pytest
 
 from search.cli import main
 
-COMMANDS = ["demo", "search", "submit", "jobs", "frontier", "promote", "predict", "describe", "make-shapes", "ui"]
+COMMANDS = ["demo", "search", "submit", "jobs", "frontier", "promote", "predict", "gc", "describe", "make-shapes", "ui"]
+
+
+def test_the_commands_listed_here_are_the_commands_effsearch_has(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage[usage.index("{") + 1:usage.index("}")].split(",") == COMMANDS
 
 
 @pytest.mark.parametrize("command", COMMANDS)

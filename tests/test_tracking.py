@@ -57,19 +57,25 @@ def _children(client, outcome):
     return client.search_runs([outcome.experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
 
 
-def test_eight_concurrent_trials_write_every_metric_to_one_sqlite_store(concurrent, capfd):
+def test_eight_concurrent_trials_write_every_metric_to_one_sqlite_store(concurrent):
+    """Every epoch of every trial lands (a write that failed on a locked store would have raised out of the search
+    or left a gap), and the trials did train at once: the most reporting at one instant is at least half of them."""
     outcome, client, said = concurrent
     runs = _children(client, outcome)
     assert outcome.failed == 0 and len(runs) == TRIALS, [r.data.tags.get("effsearch.reason") for r in runs]
+    spans = []
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags[STATE_TAG] == COMPLETE
         for key in ("map", "map50", "map75", "loss"):
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == list(range(1, EPOCHS + 1)), (run.info.run_name, key)
         assert {"gflops", "params_m", "latency_ms"} <= set(run.data.metrics)
+        reported = sorted(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss"))
+        spans.append((reported[0], reported[-1]))
+    # From each trial's first report to its last, in milliseconds: the most spans that hold one instant.
+    at_once = max(sum(first <= start <= last for first, last in spans) for start, _ in spans)
+    assert at_once >= TRIALS // 2, sorted(spans)
     assert not any("locked" in line.lower() for line in said)
-    console = capfd.readouterr()
-    assert "database is locked" not in console.out + console.err
 
 
 def test_each_trial_run_holds_its_spec_searched_values_and_tags(concurrent):
