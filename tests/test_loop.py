@@ -89,11 +89,38 @@ def test_killed_run_resumes_at_the_next_epoch_and_ends_where_an_uninterrupted_on
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_autocast_trains_on_cpu(shapes, tmp_path):
+def test_bf16_autocast_trains_and_scores_on_cpu(shapes, tmp_path, monkeypatch):
+    """amp: bf16 through fit itself: the loss falls, and every convolution returns bfloat16, in the training steps
+    and in the scoring of both weight sets (a float32 run passes the loss check alone). The FLOPs count and the
+    latency run the float32 network that is exported, and are not counted here."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    import trainers.loop
+
+    seen, phase = {"training": set(), "scoring": set()}, []
+    scoring = trainers.loop.evaluate_all
+
+    def scored(*args, **kwargs):  # the real evaluate_all, marked so the hook can tell its convolutions apart
+        phase.append("scoring")
+        try:
+            return scoring(*args, **kwargs)
+        finally:
+            phase.pop()
+
+    def record(module, args, out):
+        if isinstance(module, torch.nn.Conv2d) and (module.training or phase):
+            seen["training" if module.training else "scoring"].add(out.dtype)
+
+    monkeypatch.setattr(trainers.loop, "evaluate_all", scored)
     reports = _Recorder(tmp_path)
-    fit(_plan(shapes, TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="bf16")), reports)
+    hook = register_module_forward_hook(record)  # every module's forward, the ones fit builds included
+    try:
+        fit(_plan(shapes, TrainConfig(epochs=2, batch_size=8, eval_every=2, threads=1, amp="bf16")), reports)
+    finally:
+        hook.remove()
     first, last = reports.metrics
     assert last["loss"] < first["loss"] and 0.0 <= last["map"] <= 1.0
+    assert seen == {"training": {torch.bfloat16}, "scoring": {torch.bfloat16}}
 
 
 def test_a_float32_checkpoint_resumes_under_fp16(shapes, tmp_path):
