@@ -88,7 +88,7 @@ def _box_image(tmp_path):
 
 def test_scale_jitter_moves_pixels_and_boxes_together(tmp_path):
     data = CocoDetection(_split(_box_image(tmp_path), tmp_path), 128, train=True, scale_jitter=(0.5, 1.5))
-    scales = set()
+    scales, compared = set(), 0
     for epoch in range(12):
         image, target = data[(epoch, 0)]
         again, _ = data[(epoch, 0)]
@@ -101,7 +101,9 @@ def test_scale_jitter_moves_pixels_and_boxes_together(tmp_path):
         y1, x1, y2, x2 = target["bbox"][0]
         (py1, px1), (py2, px2) = white.min(axis=0), white.max(axis=0) + 1
         np.testing.assert_allclose([py1, px1, py2, px2], [y1, x1, y2, x2], atol=2.0)
+        compared += 1
     assert len(scales) > 6  # the scale really varies from epoch to epoch
+    assert compared >= 6, compared  # most epochs kept the box, so the pixels and the box were compared
 
 
 def test_flip_mirrors_pixels_and_boxes(shapes):

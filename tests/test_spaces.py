@@ -45,6 +45,7 @@ def test_lite_cpu_is_cheap_enough_for_a_cpu():
 def test_budget_rejects_before_training():
     spec = _fixed(lite_cpu, {"phi": 1.0, "fpn_channels": 64, "fpn_repeats": 3})
     gflops = check_budget(spec, None)
+    assert gflops == pytest.approx(model_cost(spec).gflops)  # what the budget is held to: the counted FLOPs
     assert check_budget(spec, gflops + 0.001) == pytest.approx(gflops)
     with pytest.raises(OverBudget, match="exceeds the budget of 0.05 GFLOPs"):
         check_budget(spec, 0.05)
