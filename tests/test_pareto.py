@@ -113,10 +113,12 @@ def test_crowding_distance_by_hand():
     assert crowding_distances([]) == []
 
 
-def test_pareto_order_puts_the_cheapest_point_first_among_its_front():
+def test_pareto_order_puts_a_fronts_two_extremes_first_then_its_middle_then_the_next_front():
     from search.pareto import pareto_order
 
-    # Fronts: {0, 1, 2} (0 cheapest, 2 most accurate), then {3}, then {4}.
+    # Fronts: {0, 1, 2} (0 cheapest, 2 most accurate), then {3}, then {4}. Both extremes have an infinite crowding
+    # distance, so they tie, and the tie goes by index: the listed order of the extremes is not a ranking.
     points = [(0.10, 0.05), (0.30, 0.10), (0.50, 0.20), (0.25, 0.12), (0.20, 0.30)]
-    order = pareto_order(points)
-    assert set(order[:2]) == {0, 2} and order[2:] == [1, 3, 4]
+    assert pareto_order(points) == [0, 2, 1, 3, 4]
+    swapped = [points[2], points[1], points[0], points[3], points[4]]  # the most accurate listed first
+    assert pareto_order(swapped) == [0, 2, 1, 3, 4]

@@ -47,8 +47,8 @@ def test_results_without_ap_wait_for_the_next_scored_epoch():
 
 def test_a_crowded_middle_point_is_stopped_and_a_later_front_extreme_continues():
     """After the cheapest and the most accurate trial, a point between them has a finite crowding distance and,
-    with one kept in three, stops; a new cheapest point is an extreme and continues; the first cheapest, now
-    dominated by it, would be stopped if it arrived now (front 1)."""
+    with one kept in three, stops; a new cheapest point is an extreme and continues; a late point that the first
+    cheapest dominates stops."""
     scheduler = ParetoSuccessiveHalving(max_epochs=6, grace_period=2, reduction_factor=3)
     assert _report(scheduler, "cheap", 2, 0.10, 0.01) == CONTINUE
     assert _report(scheduler, "accurate", 2, 0.90, 0.50) == CONTINUE  # both extremes of the front: tied first
