@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     # A SIGTERM (a scheduler's or a container's stop) ends a search as Ctrl-C does: its runs are closed KILLED.
-    signal.signal(signal.SIGTERM, _interrupt)
-    ray_was_up = ray.is_initialized()  # a caller's Ray (a test's) stays up
+    on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    ray_was_up, abandoned = ray.is_initialized(), False  # a caller's Ray (a test's) stays up
     try:
         return args.func(args) or 0
     except InputError as err:  # a job, config, data, frontier, cluster, predict or usage error
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 1
     except CloseAbandoned:
+        abandoned = True
         print("effsearch: interrupted while its runs were closing: some may show RUNNING in MLflow; finished trials "
               "stay recorded, and `effsearch search JOB --resume` continues the search", file=sys.stderr)
         return 130
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
               "finished trials stay recorded", file=sys.stderr)
         return 130
     finally:
-        if ray.is_initialized() and not ray_was_up:
+        if ray.is_initialized() and not ray_was_up and not abandoned:  # abandoned: Ray's exit hook stops it
             _stop_ray()
+        if on_sigterm is not None:  # an in-process caller's handler comes back (None: not set from Python)
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _interrupt(signum, frame):

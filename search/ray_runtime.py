@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 import ray
@@ -98,6 +100,18 @@ def start_ray(address: ClusterAddress | None) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if ray.is_initialized():
         return
+    # ray.init sets SIGTERM to sys.exit: a SIGTERM then killed the search by SIGABRT instead of ending it as Ctrl-C
+    # does (seen in tests/test_search.py's Ctrl-C test). The caller's handler (the CLI's) is put back.
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        _connect(address)
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _connect(address: ClusterAddress | None) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     # Tune's own console tables would interleave with ProgressPrinter's lines; with the legacy output
     # engine, verbose=0 is silent.

@@ -83,7 +83,6 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         parent_id = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                       tags={"effsearch.kind": "search"}).info.run_id
     status, children_status = "FAILED", "FAILED"
-    presses: list[int] = []  # Ctrl-Cs while the search closes, counted over both of its held blocks
     try:
         if record is None:
             params = [mlflow.entities.Param(key, str(value)) for key, value in _flat_params(job).items()]
@@ -153,7 +152,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             status = children_status = "KILLED"
             raise
         finally:
-            with held_interrupts(presses):
+            with held_interrupts():
                 feasible_share = _record_proposals(client, parent_id, searcher, say)
         status = "FINISHED"
     finally:
@@ -161,7 +160,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         # runs too, the trials already recorded keep their frontier tags, and the parent is closed even if
         # drawing the frontier fails. (A driver killed outright closes nothing; --resume continues it.) A second
         # Ctrl-C waits for this; a third quits.
-        with held_interrupts(presses):
+        with held_interrupts():
             try:
                 close_open_runs(client, experiment_id, parent_id, children_status)
                 frontier = record_frontier(client, experiment_id, parent_id, comparable, job.search.max_gflops)

@@ -26,9 +26,10 @@ def detector_demo(tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)
         mlflow.set_tracking_uri(uri)
+        ray_was_up = ray.is_initialized()  # an earlier module's Ray, which the command must leave up
         try:
             code = main(["demo", "--detector", "--dir", str(folder / "demo"), "--trials", "2", "--epochs", "1"])
-            ray_left_up = ray.is_initialized()
+            ray_left_up = ray.is_initialized() and not ray_was_up
         finally:
             ray.shutdown()
         yield {"code": code, "folder": folder, "client": MlflowClient(uri), "patch": patch, "ray_left_up": ray_left_up}

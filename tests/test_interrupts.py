@@ -14,37 +14,52 @@ def _press(signum=signal.SIGINT):
     time.sleep(0.05)
 
 
-def test_one_press_while_the_runs_close_is_held_and_the_close_finishes(capsys):
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    closed = []
-    with held_interrupts():
+def _handlers():
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_one_press_while_the_runs_close_is_held_and_the_close_finishes(capfd):
+    before, closed = _handlers(), []
+    with held_interrupts(pressed=[]):
         _press()
         closed.append("runs")  # what a KeyboardInterrupt would have skipped
     assert closed == ["runs"]
-    assert capsys.readouterr().err.strip() == HELD_NOTICE
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert capfd.readouterr().err.strip() == HELD_NOTICE
+    assert _handlers() == before
 
 
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_press_quits_and_the_handlers_come_back(second):
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    reached = []
+def test_a_second_press_stops_the_waiting_and_the_handlers_come_back(second):
+    before, reached = _handlers(), []
     with pytest.raises(CloseAbandoned):
-        with held_interrupts():
+        with held_interrupts(pressed=[]):
             _press()
             _press(second)
             reached.append("after the second press")
     assert reached == []
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert _handlers() == before
     with pytest.raises(KeyboardInterrupt):  # outside the block, Ctrl-C interrupts as before
         _press()
 
 
 def test_blocks_that_share_their_presses_count_them_together():
-    """run.py holds two blocks (the proposals' metrics, then the runs' close): a press in each is two presses."""
+    """The search's close and the CLI's Ray stop share the process's count: a press in each is two presses."""
     presses = []
-    with held_interrupts(presses):
+    with held_interrupts(pressed=presses):
         _press()
     with pytest.raises(CloseAbandoned):
-        with held_interrupts(presses):
+        with held_interrupts(pressed=presses):
             _press()
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """Under nohup, or as a background job of a script, SIGINT is ignored: the block must not turn it on."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with held_interrupts(pressed=[]):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            _press()
+            _press()  # ignored twice, not held and then raised
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

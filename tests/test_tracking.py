@@ -59,7 +59,7 @@ def _children(client, outcome):
 
 def test_eight_concurrent_trials_write_every_metric_to_one_sqlite_store(concurrent):
     """Every epoch of every trial lands (a write that failed on a locked store would have raised out of the search
-    or left a gap), and the trials did train at once: the most reporting at one instant is at least half of them."""
+    or left a gap), and the trials did train at once: at least half of the runs were open at one instant."""
     outcome, client, said = concurrent
     runs = _children(client, outcome)
     assert outcome.failed == 0 and len(runs) == TRIALS, [r.data.tags.get("effsearch.reason") for r in runs]
@@ -70,9 +70,7 @@ def test_eight_concurrent_trials_write_every_metric_to_one_sqlite_store(concurre
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == list(range(1, EPOCHS + 1)), (run.info.run_name, key)
         assert {"gflops", "params_m", "latency_ms"} <= set(run.data.metrics)
-        reported = sorted(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss"))
-        spans.append((reported[0], reported[-1]))
-    # From each trial's first report to its last, in milliseconds: the most spans that hold one instant.
+        spans.append((run.info.start_time, run.info.end_time))  # its trial's start to its end, in ms
     at_once = max(sum(first <= start <= last for first, last in spans) for start, _ in spans)
     assert at_once >= TRIALS // 2, sorted(spans)
     assert not any("locked" in line.lower() for line in said)
