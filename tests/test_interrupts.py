@@ -8,6 +8,15 @@ import pytest
 from search.interrupts import HELD_NOTICE, CloseAbandoned, held_interrupts
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_interrupts():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal: a runner started in the background (a shell's `&`) ignores
+    SIGINT, and this process inherits that."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _press(signum=signal.SIGINT):
     """Send the signal to this process and give Python the moment it takes to run the handler."""
     os.kill(os.getpid(), signum)

@@ -132,7 +132,11 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, one_batch, first):
     uri = empty_mlflow_store(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).parents[1])}
     # Its own session, so that the clean-up below can reach every process this search started, by its group id.
-    search = subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(job)], cwd=tmp_path, env=env,
+    # Ctrl-C raising KeyboardInterrupt, as in a terminal: a test runner started in the background (a shell's `&`)
+    # ignores SIGINT, and a child inherits that.
+    terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('search.cli', run_name='__main__', alter_sys=True)")
+    search = subprocess.Popen([sys.executable, "-c", terminal, "search", str(job)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         client, deadline, trained = MlflowClient(uri), time.monotonic() + 240, False
