@@ -159,7 +159,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
         # runs too, the trials already recorded keep their frontier tags, and the parent is closed even if
         # drawing the frontier fails. (A driver killed outright closes nothing; --resume continues it.) A second
-        # Ctrl-C waits for this; a third quits.
+        # Ctrl-C waits for this; a third stops the waiting (search/interrupts.py).
         with held_interrupts():
             try:
                 close_open_runs(client, experiment_id, parent_id, children_status)
