@@ -1,8 +1,7 @@
 """EfficientDet D0..D7x (the paper's Table 1) as rows of data that go through the one ModelSpec builder."""
 from __future__ import annotations
 
-from trainers.pretrained import STANDARD_BACKBONES
-from trainers.spec import ModelSpec
+from trainers.spec import STANDARD_BACKBONES, ModelSpec
 
 # EfficientNet B0..B7 compound-scaling multipliers (width, depth), as timm builds them.
 BACKBONE_SCALING = {name.removeprefix("efficientnet_"): (width, depth)

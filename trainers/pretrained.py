@@ -10,28 +10,11 @@ import torch
 from torch import nn
 
 from trainers import backbones
-from trainers.spec import ModelSpec, SpecError
+from trainers.spec import STANDARD_BACKBONES, ModelSpec, SpecError
 from trainers.typed import ConfigError
 
 _FIELD = "model.backbone_weights"
 
-# timm's standard sizes: name -> (backbone_family, width, depth), as timm's efficientnet_b*/efficientnet_lite*
-# pass them to _gen_efficientnet / _gen_efficientnet_lite. A tf_ variant has the same tensors as its namesake.
-STANDARD_BACKBONES: dict[str, tuple[str, float, float]] = {
-    "efficientnet_b0": ("efficientnet", 1.0, 1.0),
-    "efficientnet_b1": ("efficientnet", 1.0, 1.1),
-    "efficientnet_b2": ("efficientnet", 1.1, 1.2),
-    "efficientnet_b3": ("efficientnet", 1.2, 1.4),
-    "efficientnet_b4": ("efficientnet", 1.4, 1.8),
-    "efficientnet_b5": ("efficientnet", 1.6, 2.2),
-    "efficientnet_b6": ("efficientnet", 1.8, 2.6),
-    "efficientnet_b7": ("efficientnet", 2.0, 3.1),
-    "efficientnet_lite0": ("efficientnet_lite", 1.0, 1.0),
-    "efficientnet_lite1": ("efficientnet_lite", 1.0, 1.1),
-    "efficientnet_lite2": ("efficientnet_lite", 1.1, 1.2),
-    "efficientnet_lite3": ("efficientnet_lite", 1.2, 1.4),
-    "efficientnet_lite4": ("efficientnet_lite", 1.4, 1.8),
-}
 
 # Checkpoints that wrap the state dict (timm's train script, many others), in the order they are tried.
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")

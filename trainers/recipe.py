@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from trainers.typed import ConfigError
+
+# Reading a job file builds a TrainConfig: torch is imported by the functions that build torch objects, so that a
+# typo in the job is reported without waiting for torch (tests/test_cli.py).
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -80,6 +84,8 @@ class TrainConfig:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    import torch
+
     # No weight decay on norms and biases: decaying them only fights the normalisation.
     decay, no_decay = [], []
     for param in model.parameters():
@@ -94,6 +100,8 @@ def build_optimizer(model: torch.nn.Module, recipe: TrainConfig, world_size: int
 
 def build_schedule(optimizer: torch.optim.Optimizer, recipe: TrainConfig, steps_per_epoch: int):
     """Linear warmup, then cosine decay to zero, stepped per batch."""
+    import torch
+
     total = max(1, recipe.epochs * steps_per_epoch)
     warmup = min(total - 1, int(recipe.warmup_epochs * steps_per_epoch))
 
@@ -137,6 +145,8 @@ def placement(recipe: TrainConfig, device: torch.device, reserved_cpus: int | No
 
 def autocast_dtype(recipe: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The mixed-precision type for this device, or None for full float32."""
+    import torch
+
     if recipe.amp == "off" or (recipe.amp == "auto" and device.type != "cuda"):
         return None
     # including_emulation=False: torch also says yes for GPUs before Ampere (V100, T4), which only emulate bf16,

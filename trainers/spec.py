@@ -14,6 +14,24 @@ BOX_LOSSES = ("huber", "giou", "diou", "ciou")
 ASSIGNERS = ("iou", "atss")
 HEADS = ("anchor", "center")
 
+# timm's standard sizes: name -> (backbone_family, width, depth), as timm's efficientnet_b*/efficientnet_lite*
+# pass them to _gen_efficientnet / _gen_efficientnet_lite. A tf_ variant has the same tensors as its namesake.
+STANDARD_BACKBONES: dict[str, tuple[str, float, float]] = {
+    "efficientnet_b0": ("efficientnet", 1.0, 1.0),
+    "efficientnet_b1": ("efficientnet", 1.0, 1.1),
+    "efficientnet_b2": ("efficientnet", 1.1, 1.2),
+    "efficientnet_b3": ("efficientnet", 1.2, 1.4),
+    "efficientnet_b4": ("efficientnet", 1.4, 1.8),
+    "efficientnet_b5": ("efficientnet", 1.6, 2.2),
+    "efficientnet_b6": ("efficientnet", 1.8, 2.6),
+    "efficientnet_b7": ("efficientnet", 2.0, 3.1),
+    "efficientnet_lite0": ("efficientnet_lite", 1.0, 1.0),
+    "efficientnet_lite1": ("efficientnet_lite", 1.0, 1.1),
+    "efficientnet_lite2": ("efficientnet_lite", 1.1, 1.2),
+    "efficientnet_lite3": ("efficientnet_lite", 1.2, 1.4),
+    "efficientnet_lite4": ("efficientnet_lite", 1.4, 1.8),
+}
+
 
 class SpecError(ConfigError):
     """A ModelSpec field has a bad value; the message names the field."""
