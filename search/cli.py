@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SearchFailed, RayUnreachable) as err:
         print(f"effsearch: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a folder the user named that cannot be made or written (read-only, not a folder...)
+        if err.filename is None:  # not about a path: a fault to see whole
+            raise
+        print(f"effsearch: error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
     except CloseAbandoned:
         abandoned = True
         print("effsearch: interrupted while its runs were closing: some may show RUNNING in MLflow; finished trials "

@@ -63,6 +63,17 @@ def test_a_bad_job_file_is_answered_without_importing_torch(tmp_path):
     assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
     assert result.stderr.strip().startswith("effsearch: error: job.yaml: job.serach: unknown key")
 
+def test_a_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):
+    """An output folder under a file (or on a read-only mount): one line naming the path, exit 1, no traceback."""
+    (tmp_path / "a-file").write_text("")
+    for command in (["make-shapes", str(tmp_path / "a-file" / "shapes")],
+                    ["demo", "--dir", str(tmp_path / "a-file" / "demo")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"effsearch: error: {tmp_path / 'a-file'}/") and err.endswith(": Not a directory"), err
+        assert "\n" not in err
+
+
 def test_make_shapes_is_deterministic(tmp_path):
     assert main(["make-shapes", str(tmp_path / "a"), "--train", "5", "--val", "2"]) == 0
     assert main(["make-shapes", str(tmp_path / "b"), "--train", "5", "--val", "2"]) == 0
