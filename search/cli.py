@@ -377,7 +377,6 @@ def _gc(args) -> int:
 
 def _describe(args) -> int:
     from spaces import PRESETS, preset
-    from trainers.cost import model_cost
     from trainers.spec import ModelSpec
 
     if args.model.lower() in PRESETS:
@@ -393,6 +392,8 @@ def _describe(args) -> int:
         except yaml.YAMLError as err:
             raise UsageError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
         spec = ModelSpec.from_dict(raw, where=str(path))
+    from trainers.cost import model_cost  # torch: only once the input is known good
+
     cost = model_cost(spec)
     info = {"model": args.model, "params": cost.params, "params_m": round(cost.params_m, 3),
             "gflops": round(cost.gflops, 3), "image_size": spec.image_size, "spec": spec.to_dict()}

@@ -52,16 +52,21 @@ def test_the_commands_that_read_the_store_answer_without_importing_torch(command
     assert result.stderr.strip() == f"effsearch: error: no experiment named 'nope' in {mlflow_uri} (known: Default)"
 
 
-def test_a_bad_job_file_is_answered_without_importing_torch(tmp_path):
-    """Reading and checking a job file needs no torch: a typo is answered in about a second, where it waited for
-    torch, effdet and timm before (5.0 s against 0.7 s, medians of 3 interleaved). A fresh interpreter, as above."""
+@pytest.mark.parametrize("command, message", [
+    (["search", "job.yaml"], "job.yaml: job.serach: unknown key"),
+    (["describe", "d9"], "d9: neither a preset (d0, d1"),
+])
+def test_bad_input_is_answered_without_importing_torch(command, message, tmp_path):
+    """Reading and checking a job file or a model name needs no torch: a typo is answered in under a second, where
+    it waited for torch, effdet and timm before (`search`: 5.0 s against 0.7 s, medians of 3 interleaved). A fresh
+    interpreter, as above."""
     (tmp_path / "job.yaml").write_text("name: t\nserach: {}\n")
-    code = ("import sys; from search.cli import main; rc = main(['search', 'job.yaml']); "
-            "print(rc, 'torch' in sys.modules)")
+    code = f"import sys; from search.cli import main; rc = main({command!r}); print(rc, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
-    assert result.stderr.strip().startswith("effsearch: error: job.yaml: job.serach: unknown key")
+    assert result.stderr.strip().startswith(f"effsearch: error: {message}")
+
 
 def test_a_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):
     """An output folder under a file (or on a read-only mount): one line naming the path, exit 1, no traceback."""
