@@ -21,17 +21,24 @@ _PLACEMENTS = {"folder": ""}
 
 def _report_placement(config: dict) -> None:
     """Ray Train's per-worker loop, in place of training: records the worker's node, its own GPU ids and
-    CUDA_VISIBLE_DEVICES, holds its GPU for 2 s so that concurrent trials overlap, and reports one scored epoch."""
+    CUDA_VISIBLE_DEVICES, holds its GPU for 2 s, and reports one scored epoch. Before the hold, each worker waits
+    (up to 2 minutes) until a worker of the other trial has arrived too: two worker groups on two busy cores may be
+    up seconds apart, and trials that do run side by side must then be seen to."""
     import ray.train
 
     context = ray.train.get_context()
+    folder, run = _PLACEMENTS["folder"], context.get_experiment_name()
+    open(os.path.join(folder, f"arrived-{run}-{context.get_world_rank()}"), "w").close()
+    deadline = time.time() + 120
+    while time.time() < deadline and len({p.rsplit("-", 1)[0] for p in os.listdir(folder)
+                                          if p.startswith("arrived-")}) < 2:
+        time.sleep(0.1)
     start = time.time()
     time.sleep(2)
-    record = {"run": context.get_experiment_name(), "rank": context.get_world_rank(),
+    record = {"run": run, "rank": context.get_world_rank(),
               "node": ray.get_runtime_context().get_node_id(),
               "gpus": ray.get_runtime_context().get_accelerator_ids()["GPU"],
               "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "start": start, "end": time.time()}
-    folder = _PLACEMENTS["folder"]
     with open(os.path.join(folder, f"{record['run']}-{record['rank']}.json"), "w") as f:
         json.dump(record, f)
     gflops = 0.05 + 0.001 * len(config["plan"].spec.to_dict()["backbone_family"])

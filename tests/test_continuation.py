@@ -77,7 +77,7 @@ def test_a_warm_started_search_begins_with_the_first_searchs_trials_and_does_not
     first_raw = _raw(shapes, "cold", search={"space": "compound", "bounds": {"preset": "cpu"}, "trials": 8,
                                              "sampler": "random", "scheduler": "fifo"}, train={"epochs": 1})
     raw = _raw(shapes, "warm", search={"space": "compound", "bounds": {"preset": "cpu"}, "trials": 4,
-                                       "scheduler": "fifo"}, train={"epochs": 1})
+                                       "scheduler": "fifo", "max_concurrent_trials": 1}, train={"epochs": 1})
     start_ray(None)  # one local Ray, as a search starts it, for both searches: each joins it
     try:
         _, first_specs, first = _search_with_instant_trials(tmp_path, first_raw)
@@ -116,7 +116,8 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
     --resume` then continues: the study ends with exactly 3 trials, none repeated; the first keeps its values and
     its one MLflow run; the interrupted trial continues in its own run from its last checkpoint."""
     job = {"name": "resumed", "data": {"train": shapes["train"], "val": shapes["val"]},
-           "search": {"space": "lite_cpu", "trials": 3, "scheduler": "fifo", "sampler": "random", "seed": 1},
+           "search": {"space": "lite_cpu", "trials": 3, "scheduler": "fifo", "sampler": "random", "seed": 1,
+                      "max_concurrent_trials": 1},
            "train": {"epochs": 3, "eval_every": 1}, "resources": {"cpus_per_worker": 1}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     uri = empty_mlflow_store(tmp_path)

@@ -767,8 +767,10 @@ def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes, 
     point = {"phi": 0.5, "alpha": 1.2, "fpn_width_base": 40, "fpn_width_growth": 1.35, "fpn_depth_base": 2,
              "fpn_depth_slope": 1.0, "head_depth_base": 2}
     raw = _raw(shapes, "same-network", search={
-        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 2, "scheduler": "fifo",
+        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 2, "scheduler": "fifo", "max_concurrent_trials": 1,
         "enqueue": [{**point, "beta": 1.1}, {**point, "beta": 1.104}]}, train={"epochs": 1})
+    # One trial at a time (as the cluster holds on 2 cores, said here for larger machines): trials start in the
+    # order they were proposed, and the second proposal comes after the first trial finished.
     outcome, started, study = _search_with_instant_trials(tmp_path, raw)
     assert outcome.finished == 2 and len(started) == 2
     assert started[0]["backbone_width"] == 0.524
@@ -780,10 +782,10 @@ def test_a_proposal_that_builds_a_trained_network_is_a_repeat(tmp_path, shapes, 
 def test_enqueued_points_are_the_first_trials(tmp_path, shapes, local_ray):
     """search.enqueue: the paper's rule at two phi steps, then a partial point; the sampler proposes after them."""
     raw = _raw(shapes, "enqueue", search={
-        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 4, "scheduler": "fifo",
+        "space": "compound", "bounds": {"preset": "cpu"}, "trials": 4, "scheduler": "fifo", "max_concurrent_trials": 1,
         "enqueue": ["rule:0", "rule:1", {"phi": 0.5, "fpn_width_base": 24, "fpn_depth_base": 1}]},
         train={"epochs": 1})
-    outcome, started, study = _search_with_instant_trials(tmp_path, raw)
+    outcome, started, study = _search_with_instant_trials(tmp_path, raw)  # one at a time: started in proposal order
     assert outcome.finished == 4
     sizes = [(s["image_size"], s["fpn_channels"], s["fpn_repeats"]) for s in started]
     assert sizes[:2] == [(160, 48, 2), (192, 64, 3)]  # the rule in the CPU bounds (tests/test_spaces.py)
@@ -841,7 +843,7 @@ def test_the_pareto_stopper_prunes_on_replayed_curves_and_pruned_trials_stay_off
 
     raw = _raw(shapes, "stopper", search={
         "space": "compound", "bounds": {"preset": "cpu"}, "trials": 12, "sampler": "random", "scheduler": "pareto",
-        "grace_period": 1, "reduction_factor": 3}, train={"epochs": 6})
+        "grace_period": 1, "reduction_factor": 3, "max_concurrent_trials": 1}, train={"epochs": 6})
     curves = _curves_table(tmp_path / "curves.csv")
     outcome, started, study = _search_with_instant_trials(tmp_path, raw, ReplayTrainable(curves))
     assert len(started) == 12

@@ -209,6 +209,10 @@ def test_submit_and_jobs_refuse_what_is_not_a_jobs_api_in_one_line(tmp_path, sha
     assert main(["jobs", "list"]) == 2
     assert "RAY_ADDRESS 127.0.0.1:6379: submit and jobs talk to a cluster's Jobs API" in capsys.readouterr().err
 
+    import importlib
+
+    importlib.import_module("ray.job_submission")  # before the clock starts: cold, it takes seconds on busy cores
+    # A refused connection is answered at once (search/cluster.py checks the port), not after the client waits.
     started = time.monotonic()
     assert main(["jobs", "status", "raysubmit_x", "--address", f"http://127.0.0.1:{_free_port()}"]) == 1
     err = capsys.readouterr().err
