@@ -5,9 +5,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.predict import PredictError, image_paths
+from trainers.errors import PredictError
 
 EXTRA_FILES = "extra_files"  # where mlflow.pytorch.log_model puts extra_files inside the model
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,15 @@ class Prediction:
 def load_detector(model_uri: str, device=None):
     """A trainers.predict.Detector for a models:/, runs:/ or local MLflow model, on CUDA if present."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except (MlflowException, OSError) as err:
+        raise PredictError(f"{model_uri}: cannot load an MLflow model: {_first_line(err)}") from None
+    # torch, effdet and timm once the model is found: a wrong name or URI is answered without them
     import mlflow.pytorch
     import torch
-    from mlflow.exceptions import MlflowException
 
     from trainers.checkpoint import CATEGORIES_FILE, SPEC_FILE
     from trainers.predict import Detector, on_device
@@ -31,7 +38,6 @@ def load_detector(model_uri: str, device=None):
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         # A pt2 graph: MLflow loads it without unpickling code, and on the CPU, where it was exported.
         graph = mlflow.pytorch.load_model(str(local))
     except (MlflowException, OSError) as err:
@@ -50,10 +56,10 @@ def load_detector(model_uri: str, device=None):
 def predict(model_uri: str, inputs: list[str], out: Path, *, draw_dir: Path | None = None,
             score_threshold: float = 0.3, device=None) -> Prediction:
     """Detect in every image (files, and image files in folders); write COCO results to `out`, drawn copies to draw_dir."""
+    paths = image_paths(inputs)  # bad paths fail before the model loads, and before torch is imported
+    detector = load_detector(model_uri, device)
     from trainers.predict import coco_results, draw, read_image
 
-    paths = image_paths(inputs)  # bad paths fail before the model loads
-    detector = load_detector(model_uri, device)
     records: list[dict] = []
     if draw_dir is not None:
         draw_dir.mkdir(parents=True, exist_ok=True)
@@ -85,3 +91,19 @@ def _unique(name: str, taken: set[str]) -> str:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def image_paths(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, and the image files (by suffix) directly inside each folder, in name order."""
+    paths = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise PredictError(f"{given}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            paths.extend(found)
+        elif given.is_file():
+            paths.append(given)
+        else:
+            raise PredictError(f"{given}: no such image file or folder")
+    return paths

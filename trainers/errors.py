@@ -6,3 +6,7 @@ class InputError(Exception):
 
     It lives in a module that imports nothing, so that the command line can catch every such error without
     importing torch, Ray and MLflow first (they cost it 5 to 10 s before any command ran)."""
+
+
+class PredictError(InputError, LookupError):
+    """A model, image or folder that prediction cannot use; the message names it."""

@@ -13,32 +13,11 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from trainers.annotations import LabelMap
 from trainers.centernet import decode as decode_centers
 from trainers.data import FILL_COLOR, to_model_input
-from trainers.errors import InputError
+from trainers.errors import PredictError
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BATCH_SIZE = 8
-
-
-class PredictError(InputError, LookupError):
-    """A model, image or folder that prediction cannot use; the message names it."""
-
-
-def image_paths(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, and the image files (by suffix) directly inside each folder, in name order."""
-    paths = []
-    for given in map(Path, inputs):
-        if given.is_dir():
-            found = sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise PredictError(f"{given}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            paths.extend(found)
-        elif given.is_file():
-            paths.append(given)
-        else:
-            raise PredictError(f"{given}: no such image file or folder")
-    return paths
 
 
 def read_image(path: Path) -> Image.Image:
