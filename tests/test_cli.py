@@ -39,15 +39,20 @@ def test_frontier_of_unknown_experiment_is_one_line(mlflow_uri, capsys):
 
 
 
+def _main_in_a_fresh_interpreter(command, cwd=None, env=()):
+    """main(command) in a new Python, so that nothing an earlier test imported counts; it prints the exit status
+    and whether torch was imported."""
+    code = f"import sys; from search.cli import main; rc = main({command!r}); print(rc, 'torch' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ, **dict(env), "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
 @pytest.mark.parametrize("command", [["frontier", "nope"], ["promote", "nope", "--max-gflops", "1"], ["gc", "nope"]])
 def test_the_commands_that_read_the_store_answer_without_importing_torch(command, mlflow_uri):
     """main catches the errors it prints by their light base (trainers/errors.py): importing each error's own module
     to catch it cost every command torch, effdet and timm first (`frontier nope`: 8.0 s, now 3.4 s, medians of 3
-    on an idle machine). A fresh interpreter, so that nothing an earlier test imported counts."""
-    code = f"import sys; from search.cli import main; rc = main({command!r}); print(rc, 'torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri,
-                                 "PYTHONPATH": str(Path(__file__).parents[1])})
+    on an idle machine)."""
+    result = _main_in_a_fresh_interpreter(command, env={"MLFLOW_TRACKING_URI": mlflow_uri})
     assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
     assert result.stderr.strip() == f"effsearch: error: no experiment named 'nope' in {mlflow_uri} (known: Default)"
 
@@ -61,11 +66,9 @@ def test_the_commands_that_read_the_store_answer_without_importing_torch(command
 def test_bad_input_is_answered_without_importing_torch(command, message, tmp_path):
     """Reading and checking a job file, a model name or an image path needs no torch: a typo is answered in seconds,
     where it waited for torch, effdet and timm before (`search`: 5.0 s against 0.7 s, medians of 3 interleaved;
-    `predict` of a model that is not there: 11.5 s against 3.4 s). A fresh interpreter, as above."""
+    `predict` of a model that is not there: 11.5 s against 3.4 s)."""
     (tmp_path / "job.yaml").write_text("name: t\nserach: {}\n")
-    code = f"import sys; from search.cli import main; rc = main({command!r}); print(rc, 'torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    result = _main_in_a_fresh_interpreter(command, cwd=tmp_path)
     assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
     assert result.stderr.strip().startswith(f"effsearch: error: {message}")
 
