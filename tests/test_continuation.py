@@ -110,6 +110,18 @@ def _descendants(pid):
         return []
 
 
+def _wait_for_tune_snapshot(folder, after: float, timeout: float = 120) -> None:
+    """Until Tune has written its experiment state (every 2 s, TUNE_GLOBAL_CHECKPOINT_S) after `after`: then the
+    snapshot holds the trial that had finished by then. A fixed sleep was 1 s longer than the period, which a
+    busy machine can outlast."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.stat().st_mtime > after for p in folder.rglob("experiment_state-*.json")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"Tune wrote no experiment state under {folder} within {timeout} s")
+
+
 def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_trial(tmp_path, shapes):
     """`effsearch search` of 3 real trials of 3 epochs, one at a time. Once the first trial has finished and the
     second has reported its first epoch, the driver and every process under it are SIGKILLed. `effsearch search
@@ -138,7 +150,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
             done = [r for r in runs if r.data.tags.get(STATE_TAG) == "complete"]
             running = [r for r in runs if r.info.status == "RUNNING" and "epoch_s" in r.data.metrics]
             if done and running:
-                time.sleep(3)  # past Tune's 2 s snapshot of the finished trial
+                _wait_for_tune_snapshot(tmp_path, after=time.time())
                 processes = _descendants(driver.pid)
                 driver.kill()
                 for process in processes:
