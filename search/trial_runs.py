@@ -83,10 +83,13 @@ class MlflowTrialLogger(Callback):
                 tags[ENQUEUED_TAG] = enqueued
             run = self.client.create_run(self.experiment_id, run_name=run_name(number, trial.trial_id, trial.config),
                                          tags=tags)
-            self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(key, str(value))
-                                                           for key, value in trial_params(trial.config, self.num_classes, self.train_settings).items()])
+            self.client.log_batch(run.info.run_id, params=self._params(trial.config))
             self.run_ids[trial.trial_id] = run.info.run_id
         return self.run_ids[trial.trial_id]
+
+    def _params(self, config: dict) -> list[mlflow.entities.Param]:
+        return [mlflow.entities.Param(key, str(value))
+                for key, value in trial_params(config, self.num_classes, self.train_settings).items()]
 
     def _common_tags(self, number: int | None) -> dict[str, str]:
         tags = {PARENT_TAG: self.parent_run_id, **(self.comparable.tags() if self.comparable else {})}
@@ -104,8 +107,7 @@ class MlflowTrialLogger(Callback):
         metrics = [mlflow.entities.Metric("params_m", float(params_m), now, 0)]
         if gflops is not None:
             metrics.append(mlflow.entities.Metric("gflops", float(gflops), now, 0))
-        self.client.log_batch(run.info.run_id, metrics=metrics, params=[
-            mlflow.entities.Param(key, str(value)) for key, value in trial_params(config, self.num_classes, self.train_settings).items()])
+        self.client.log_batch(run.info.run_id, metrics=metrics, params=self._params(config))
         self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
