@@ -75,6 +75,57 @@ def test_dataset_targets_resize_pad_and_skip_crowd(tmp_path):
     assert to_model_input(images[:1], "cpu")[:, :, 64:, :].abs().max() < 0.02  # the fill colour normalises to ~0
 
 
+def test_a_16_bit_grey_image_keeps_its_picture(tmp_path):
+    """Thermal, depth and medical PNGs are 16-bit grey; Pillow's own RGB conversion turns them white. Training and
+    predict read them as their top byte."""
+    from PIL import Image
+
+    from trainers.predict import read_image
+
+    grey = np.tile(np.arange(0, 65536, 1024, dtype=np.uint16), (16, 1))  # 64 levels across, 16 rows
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    ann = _write(tmp_path, [{"id": 1, "file_name": "deep.png", "width": 64, "height": 16}],
+                 [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]}])
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode.startswith("I")  # what Pillow makes of it
+    expected = (grey >> 8).astype(np.uint8)
+    for pixels in (np.asarray(CocoDetection(_split(ann, tmp_path), 64, train=False)._image(0)),
+                   np.asarray(read_image(tmp_path / "deep.png"))):
+        assert pixels.shape == (16, 64, 3) and (pixels == expected[:, :, None]).all()
+
+
+def test_an_image_with_more_boxes_than_effdet_pads_to_keeps_them_all(tmp_path):
+    """effdet pads a batch's targets to MAX_BOXES and drops the rest; crowd, aerial and shelf photos hold more."""
+    from PIL import Image
+
+    from trainers.annotations import TrainingData
+    from trainers.data import MAX_BOXES
+    from trainers.loop import TrialPlan, build_modules, data_loaders
+    from trainers.recipe import TrainConfig, placement
+
+    Image.new("RGB", (320, 320), (128, 128, 128)).save(tmp_path / "crowded.png")
+    Image.new("RGB", (320, 320), (128, 128, 128)).save(tmp_path / "sparse.png")
+    boxes = [{"id": n + 1, "image_id": 1, "category_id": 2, "bbox": [20 * (n % 15), 20 * (n // 15), 12, 12]}
+             for n in range(MAX_BOXES + 50)]
+    boxes.append({"id": 1000, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 40]})
+    split = _split(_write(tmp_path, [{"id": 1, "file_name": "crowded.png", "width": 320, "height": 320},
+                                     {"id": 2, "file_name": "sparse.png", "width": 320, "height": 320}], boxes),
+                   tmp_path)
+    assert split.most_trainable_boxes() == MAX_BOXES + 50
+    # Through the training loader that fit builds (no flip, no jitter: every box stays in the picture).
+    plan = TrialPlan(ModelSpec(num_classes=1, backbone_family="efficientnet_lite", backbone_width=0.5,
+                               backbone_depth=0.5, image_size=320, max_level=5, fpn_channels=32, fpn_repeats=1,
+                               head_repeats=1),
+                     TrainingData(split, split), TrainConfig(batch_size=2, loader_workers=0, scale_jitter=(1.0, 1.0)))
+    modules = build_modules(plan, torch.device("cpu"), world_size=1)
+    place = placement(plan.recipe, torch.device("cpu"))
+    _, _, sampler, train_loader, _ = data_loaders(plan, modules.model, place, rank=0, world_size=1,
+                                                  local_world_size=1)
+    sampler.set_epoch(0)
+    (_, targets), = train_loader
+    assert sorted((targets["cls"] > 0).sum(dim=1).tolist()) == [1, MAX_BOXES + 50]
+
+
 def _box_image(tmp_path):
     """A black 160x120 image with one white box at x 40..100, y 30..70, annotated as such."""
     from PIL import Image

@@ -52,7 +52,23 @@ def test_shapes_dataset_is_clean(shapes):
      r"ann.json: annotation id 10 \(image id 1\): unknown category_id 9"),
     ({"images": []}, r"ann.json: the split has no images"),
     ({"annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [1, 1, 5]}]},
-     r"annotation id 10 \(image id 1\): bbox must be 4 numbers"),
+     r"annotation id 10 \(image id 1\): bbox must be 4 finite numbers"),
+    ({"annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [1, 1, float("nan"), 5]}]},
+     r"annotation id 10 \(image id 1\): bbox must be 4 finite numbers \[x, y, w, h\], got \[1, 1, nan, 5\]"),
+    ({"annotations": [{"id": 10, "image_id": 1, "category_id": 2, "bbox": [1, 1, float("inf"), 5]}]},
+     r"annotation id 10 \(image id 1\): bbox must be 4 finite numbers"),
+    # Real exports: string ids, a size written as a string, an id of JSON true.
+    ({"images": [{"id": "img_0001", "file_name": "a.png", "width": 40, "height": 30}]},
+     r"ann.json: image id 'img_0001': id must be an integer, got 'img_0001'"),
+    ({"images": [{"id": 1, "file_name": "a.png", "width": "40", "height": 30}]},
+     r"ann.json: image id 1: width must be an integer, got '40'"),
+    ({"images": [{"id": 1, "file_name": "a.png", "width": 0, "height": 30}]},
+     r"ann.json: image id 1: width and height must be positive, got 0x30"),
+    ({"images": [{"id": 1, "file_name": 7, "width": 40, "height": 30}]},
+     r"ann.json: image id 1: file_name must be a string, got 7"),
+    ({"annotations": [{"id": 10, "image_id": "1", "category_id": 2, "bbox": [1, 1, 5, 5]}]},
+     r"ann.json: annotation id 10: image_id must be an integer, got '1'"),
+    ({"categories": [{"id": True, "name": "x"}]}, r"ann.json: category id True: id must be an integer, got True"),
     ({"annotations": [{"id": 10, "image_id": 1, "bbox": [1, 1, 5, 5]}]},
      r"annotation id 10: missing field 'category_id'"),
     ({"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 30}]},
@@ -180,3 +196,41 @@ def test_train_split_without_a_trainable_box_is_rejected(tmp_path):
         {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "iscrowd": 1}])
     with pytest.raises(DataError, match=r"ann.json: no box to train on"):
         load_training_data(path, tmp_path, path, tmp_path)
+
+
+def test_mixed_image_id_types_are_named_not_a_traceback(tmp_path):
+    path = _dataset(tmp_path, images=[{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                                      {"id": "2", "file_name": "b.png", "width": 40, "height": 30}],
+                    files=("a.png", "b.png"))
+    with pytest.raises(DataError, match=r"ann.json: image id '2': id must be an integer, got '2'"):
+        validate_split(path, tmp_path)
+
+
+def test_integral_floats_are_ids(tmp_path):
+    """Some exporters write every number as a float: 1.0 is image id 1."""
+    path = _dataset(tmp_path, images=[{"id": 1.0, "file_name": "a.png", "width": 40.0, "height": 30.0}],
+                    annotations=[{"id": 10.0, "image_id": 1.0, "category_id": 2.0, "bbox": [2, 2, 10, 10]}])
+    index, report = index_split(path, tmp_path)
+    assert report.annotations == 1 and index.image_ids.tolist() == [1] and index.sizes.tolist() == [[40, 30]]
+
+
+def test_val_split_without_a_box_to_score_is_rejected(tmp_path):
+    """COCOeval has nothing to score on such a split: the search would report AP 0 for every trial."""
+    train = _dataset(tmp_path)
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    val = _dataset(val_dir, annotations=[])
+    with pytest.raises(DataError, match=r"val/ann.json: no box to score"):
+        load_training_data(train, tmp_path, val, val_dir)
+
+
+def test_a_dropped_degenerate_box_is_not_scored_either(tmp_path):
+    """The report says a box 1 px wide or less is dropped: it is out of the ground truth that scores AP too, where
+    it would be a target no detector finds."""
+    path = _dataset(tmp_path, annotations=[
+        {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]},
+        {"id": 11, "image_id": 1, "category_id": 2, "bbox": [20, 2, 0.5, 10]},
+        {"id": 12, "image_id": 1, "category_id": 2, "bbox": [20, 2, 1.5, 10]}])
+    index, report = index_split(path, tmp_path)
+    assert report.degenerate_ids == (11,) and report.annotations == 2
+    assert sorted(index.coco_ground_truth().getAnnIds()) == [10, 12]

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools.coco import COCO
 
+# A box no wider or taller than this, after clipping to its image, is degenerate: dropped from training and from
+# the ground truth that scores it, as the data report says (trainers/validate.py).
+MIN_BOX_SIDE = 1.0
+
 
 @dataclass(frozen=True)
 class LabelMap:
@@ -76,17 +80,22 @@ class SplitIndex:
         keep = self.trainable[rows]
         return self.boxes[rows][keep], self.labels[rows][keep]
 
+    def most_trainable_boxes(self) -> int:
+        """The largest number of trainable boxes in one image."""
+        before = np.concatenate([[0], np.cumsum(self.trainable, dtype=np.int64)])  # trainable boxes before each row
+        return int(np.max(before[self.first_box[1:]] - before[self.first_box[:-1]], initial=0))
+
     def decoded_bytes(self, indices=None) -> int:
         """Memory the decoded RGB images at these indices (all by default) take."""
         sizes = self.sizes if indices is None else self.sizes[np.asarray(indices, dtype=np.int64)]
         return int((sizes[:, 0] * sizes[:, 1]).sum() * 3)
 
     def coco_ground_truth(self) -> COCO:
-        """A pycocotools index of the boxes alone, for COCOeval (bbox); boxes with no area after clipping are out."""
+        """A pycocotools index of the boxes alone, for COCOeval (bbox); degenerate boxes are out, as in training."""
         images = [{"id": int(i), "width": int(w), "height": int(h)}
                   for i, (w, h) in zip(self.image_ids, self.sizes)]
         per_box_image = np.repeat(self.image_ids, np.diff(self.first_box))
-        present = (self.boxes[:, 2] > 0) & (self.boxes[:, 3] > 0)
+        present = (self.boxes[:, 2] > MIN_BOX_SIDE) & (self.boxes[:, 3] > MIN_BOX_SIDE)
         categories = self.label_map.to_categories(self.labels)
         annotations = [
             {"id": int(a), "image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in box],

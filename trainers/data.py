@@ -20,10 +20,19 @@ from trainers.annotations import LabelMap, SplitIndex
 from trainers.mixup import mix_batch
 from trainers.validate import DataError, exif_transpose_needed
 
-MAX_BOXES = 100  # per image; effdet pads targets to a fixed count
+MAX_BOXES = 100  # per image, at least; effdet pads targets to a fixed count, and drops the boxes beyond it
 IMAGENET_MEAN = tuple(255 * x for x in (0.485, 0.456, 0.406))
 IMAGENET_STD = tuple(255 * x for x in (0.229, 0.224, 0.225))
 FILL_COLOR = tuple(round(x) for x in IMAGENET_MEAN)  # padding becomes ~0 after normalisation
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's convert clips 16-bit grey (thermal, depth and medical images) to white, so such an image
+    is scaled to 8 bits first, as its top byte."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, and I, as which some Pillow versions open them
+        grey = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+        img = Image.fromarray(grey)
+    return img.convert("RGB")
 
 
 def coco_to_effdet_boxes(xywh: np.ndarray, scale: float) -> np.ndarray:
@@ -81,7 +90,7 @@ class CocoDetection(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as img:
                     transpose = exif_transpose_needed(img, self.index, i)
-                    img = img.convert("RGB")
+                    img = as_rgb(img)
                     pixels = np.asarray(ImageOps.exif_transpose(img) if transpose else img)
             except (FileNotFoundError, OSError) as err:
                 raise DataError(f"{path}: cannot read image id {int(self.index.image_ids[i])}: {err}") from None
@@ -125,7 +134,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Collate:
-    """effdet's DetectionFastCollate (uint8 images, targets padded to MAX_BOXES), then detection mixup and the
+    """effdet's DetectionFastCollate (uint8 images, targets padded to `max_boxes`, which a split with more boxes in
+    one image than MAX_BOXES raises: effdet would drop the rest), then detection mixup and the
     head's labels (trainers/anchors.py or trainers/centernet.py) if given.
 
     Labelling in the collate runs it in the loader workers, beside the training step (effdet's design), and
@@ -133,8 +143,9 @@ class Collate:
     batch's image ids), so a resumed run mixes as an uninterrupted one did, whichever process collates.
     """
 
-    def __init__(self, labeler=None, *, mixup_prob: float = 0.0, mixup_alpha: float = 1.5, seed: int = 0):
-        self.collate = DetectionFastCollate(max_instances=MAX_BOXES)
+    def __init__(self, labeler=None, *, mixup_prob: float = 0.0, mixup_alpha: float = 1.5, seed: int = 0,
+                 max_boxes: int = MAX_BOXES):
+        self.collate = DetectionFastCollate(max_instances=max(MAX_BOXES, max_boxes))
         self.labeler = labeler
         self.mixup_prob, self.mixup_alpha, self.seed = mixup_prob, mixup_alpha, seed
 

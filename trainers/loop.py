@@ -225,7 +225,8 @@ def data_loaders(plan: TrialPlan, model, place: Placement, rank: int, world_size
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=recipe.batch_size, sampler=sampler, drop_last=True,
         collate_fn=Collate(labeler(plan.spec, model), mixup_prob=recipe.mixup_prob, mixup_alpha=recipe.mixup_alpha,
-                           seed=recipe.seed), generator=generators[0], **workers)
+                           seed=recipe.seed, max_boxes=plan.data.train.most_trainable_boxes()),
+        generator=generators[0], **workers)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=recipe.batch_size,
                                              collate_fn=Collate(), generator=generators[1], **workers)
     return train_set, val_set, sampler, train_loader, val_loader

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from trainers.annotations import LabelMap
 from trainers.centernet import decode as decode_centers
-from trainers.data import FILL_COLOR, to_model_input
+from trainers.data import FILL_COLOR, as_rgb, to_model_input
 from trainers.errors import PredictError
 from trainers.model import effdet_config
 from trainers.spec import ModelSpec
@@ -24,7 +24,7 @@ def read_image(path: Path) -> Image.Image:
     """RGB pixels as displayed: EXIF orientation applied, as annotation tools (and training, by default) show photos."""
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return as_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError) as err:
         raise PredictError(f"{path}: not a readable image: {err}") from None
 

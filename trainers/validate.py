@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from trainers.annotations import SplitIndex, TrainingData
+from trainers.annotations import MIN_BOX_SIDE, SplitIndex, TrainingData
 from trainers.errors import InputError
 
 CHECK_MODES = ("full", "headers", "sample")
@@ -58,6 +59,9 @@ _REQUIRED = {
     "annotations": ("id", "image_id", "category_id", "bbox"),
     "categories": ("id", "name"),
 }
+# COCO's types for the fields the index reads; a string id or size ("img_0001", "640") is named, not a traceback.
+_INTEGER_FIELDS = {"images": ("id", "width", "height"), "annotations": ("id", "image_id", "category_id"),
+                   "categories": ("id",)}
 
 
 def load_training_data(train_annotations, train_images, val_annotations, val_images, *, check: str = "full",
@@ -69,6 +73,9 @@ def load_training_data(train_annotations, train_images, val_annotations, val_ima
     check_same_categories(train_report, val_report)
     if not train.trainable.any():
         raise DataError(f"{train.annotation_file}: no box to train on (every annotation is crowd or degenerate)")
+    if not val.trainable.any():  # COCOeval has nothing to score: AP would be undefined, not 0
+        raise DataError(f"{val.annotation_file}: no box to score (the split has no annotation that is neither crowd "
+                        f"nor degenerate)")
     return (TrainingData(train, val, cache_bytes_per_node=cache_bytes_per_node),
             {"train": train_report, "val": val_report})
 
@@ -112,10 +119,25 @@ def _load_json(path: Path) -> dict:
                 raise DataError(f"{path}: {section} holds a non-object entry {record!r}")
             for key in fields:
                 if key not in record:
-                    raise DataError(f"{path}: {singular} id {record.get('id')}: missing field {key!r}")
+                    raise DataError(f"{path}: {singular} id {record.get('id')!r}: missing field {key!r}")
+            for key in _INTEGER_FIELDS[section]:
+                if not _is_integer(record[key]):
+                    raise DataError(f"{path}: {singular} id {record['id']!r}: {key} must be an integer, "
+                                    f"got {record[key]!r}")
+            if section == "images" and not (record["width"] > 0 and record["height"] > 0):
+                raise DataError(f"{path}: image id {record['id']}: width and height must be positive, got "
+                                f"{record['width']}x{record['height']}")
+            if section == "images" and not isinstance(record["file_name"], str):
+                raise DataError(f"{path}: image id {record['id']}: file_name must be a string, "
+                                f"got {record['file_name']!r}")
     if not data["images"]:
         raise DataError(f"{path}: the split has no images")
     return data
+
+
+def _is_integer(value) -> bool:
+    # bool is an int to Python, and JSON's true is no id; 3.0 is how some exporters write 3.
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataReport]:
@@ -148,8 +170,10 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         if ann["category_id"] not in label_of:
             raise DataError(f"{where} (image id {ann['image_id']}): unknown category_id {ann['category_id']}")
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DataError(f"{where} (image id {ann['image_id']}): bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            raise DataError(f"{where} (image id {ann['image_id']}): bbox must be 4 finite numbers [x, y, w, h], "
+                            f"got {bbox!r}")
         image = images[at]
         x, y, w, h = bbox
         # COCO itself has boxes a fraction of a pixel outside their image: clip and count, never abort.
@@ -157,7 +181,7 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         x2, y2 = min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"])
         report.clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
         crowd = bool(ann.get("iscrowd", 0))
-        if x2 - x1 <= 1 or y2 - y1 <= 1:
+        if x2 - x1 <= MIN_BOX_SIDE or y2 - y1 <= MIN_BOX_SIDE:
             degenerate.append(ann["id"])
         else:
             report.annotations += 1
@@ -172,7 +196,7 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
     values = np.array([r[3:8] for r in rows], dtype=np.float64).reshape(-1, 5)
     crowd = np.array([r[8] for r in rows], dtype=bool)
     boxes = values[:, :4].astype(np.float32)
-    degenerate_rows = (values[:, 2] <= 1) | (values[:, 3] <= 1)
+    degenerate_rows = (values[:, 2] <= MIN_BOX_SIDE) | (values[:, 3] <= MIN_BOX_SIDE)
     trainable = ~crowd & ~degenerate_rows
     report.images_without_annotations = len(images) - len(np.unique(table[:, 0][~degenerate_rows]))
     index = SplitIndex(
