@@ -234,3 +234,27 @@ def test_a_dropped_degenerate_box_is_not_scored_either(tmp_path):
     index, report = index_split(path, tmp_path)
     assert report.degenerate_ids == (11,) and report.annotations == 2
     assert sorted(index.coco_ground_truth().getAnnIds()) == [10, 12]
+
+
+def test_val_boxes_of_a_category_train_never_shows_are_named(tmp_path):
+    categories = [{"id": 2, "name": "x"}, {"id": 3, "name": "y"}]
+    train = _dataset(tmp_path, categories=categories)
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    val = _dataset(val_dir, categories=categories, annotations=[
+        {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]},
+        {"id": 11, "image_id": 1, "category_id": 3, "bbox": [20, 2, 10, 10]}])
+    _, reports = load_training_data(train, tmp_path, val, val_dir)
+    assert reports["train"].untrained_category_ids == ()
+    assert ("categories [3] have boxes here but none to train on: AP averages over classes the model cannot learn"
+            in reports["val"].summary())
+
+
+@pytest.mark.parametrize("area", [0, -5, None, float("nan")])
+def test_a_box_without_a_usable_area_is_binned_by_its_own(tmp_path, area):
+    """COCOeval's small / medium / large AP bins boxes by `area`; 0 or a missing one would bin every box as small."""
+    record = {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]}
+    if area is not None:
+        record["area"] = area
+    index, _ = index_split(_dataset(tmp_path, annotations=[record]), tmp_path)
+    assert index.coco_ground_truth().anns[10]["area"] == 100.0

@@ -40,6 +40,7 @@ class DataReport:
     clipped: int = 0
     degenerate_ids: tuple[int, ...] = ()
     images_checked: str = ""
+    untrained_category_ids: tuple[int, ...] = ()  # val only: categories scored here with no box in train
 
     def summary(self) -> str:
         text = (f"{self.annotation_file}: {self.images} images, {self.annotations} boxes "
@@ -49,6 +50,9 @@ class DataReport:
         if self.degenerate_ids:
             shown = ", ".join(map(str, self.degenerate_ids[:10])) + (" ..." if len(self.degenerate_ids) > 10 else "")
             text += f"; dropped {len(self.degenerate_ids)} degenerate boxes (annotation ids {shown})"
+        if self.untrained_category_ids:
+            text += (f"; categories {list(self.untrained_category_ids)} have boxes here but none to train on: AP "
+                     f"averages over classes the model cannot learn")
         if self.images_checked:
             text += f"; {self.images_checked}"
         return text
@@ -76,6 +80,8 @@ def load_training_data(train_annotations, train_images, val_annotations, val_ima
     if not val.trainable.any():  # COCOeval has nothing to score: AP would be undefined, not 0
         raise DataError(f"{val.annotation_file}: no box to score (the split has no annotation that is neither crowd "
                         f"nor degenerate)")
+    untrained = np.setdiff1d(val.labels[val.trainable], train.labels[train.trainable])
+    val_report.untrained_category_ids = tuple(int(c) for c in val.label_map.to_categories(untrained))
     return (TrainingData(train, val, cache_bytes_per_node=cache_bytes_per_node),
             {"train": train_report, "val": val_report})
 
@@ -186,8 +192,11 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         else:
             report.annotations += 1
             report.crowd += crowd
+        # COCOeval sorts boxes into small, medium and large by `area` (a mask's area in COCO); a missing, zero or
+        # non-finite one would put every box in the wrong bin, so the box's own area stands in.
         area = ann.get("area")
-        area = float(area) if isinstance(area, (int, float)) else (x2 - x1) * (y2 - y1)
+        given = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area > 0
+        area = float(area) if given else (x2 - x1) * (y2 - y1)
         rows.append((at, ann["id"], label_of[ann["category_id"]], x1, y1, x2 - x1, y2 - y1, area, crowd))
     report.degenerate_ids = tuple(degenerate)
 
