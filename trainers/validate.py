@@ -118,32 +118,39 @@ def _load_json(path: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{path}: missing or non-list key {key!r}")
-    for section, fields in _REQUIRED.items():
-        singular = section[:-1].replace("categorie", "category")
+    for section in _REQUIRED:
         for record in data[section]:
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: {section} holds a non-object entry {record!r}")
-            for key in fields:
-                if key not in record:
-                    raise DataError(f"{path}: {singular} id {record.get('id')!r}: missing field {key!r}")
-            for key in _INTEGER_FIELDS[section]:
-                if not _is_integer(record[key]):
-                    raise DataError(f"{path}: {singular} id {record['id']!r}: {key} must be an integer, "
-                                    f"got {record[key]!r}")
-            if section == "images" and not (record["width"] > 0 and record["height"] > 0):
-                raise DataError(f"{path}: image id {record['id']}: width and height must be positive, got "
-                                f"{record['width']}x{record['height']}")
-            if section == "images" and not isinstance(record["file_name"], str):
-                raise DataError(f"{path}: image id {record['id']}: file_name must be a string, "
-                                f"got {record['file_name']!r}")
+            _check_fields(path, section, record)
     if not data["images"]:
         raise DataError(f"{path}: the split has no images")
     return data
 
 
+def _check_fields(path: Path, section: str, record) -> None:
+    """The record has the fields the index reads, of COCO's types."""
+    singular = section[:-1].replace("categorie", "category")
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: {section} holds a non-object entry {record!r}")
+    for key in _REQUIRED[section]:
+        if key not in record:
+            raise DataError(f"{path}: {singular} id {record.get('id')!r}: missing field {key!r}")
+    for key in _INTEGER_FIELDS[section]:
+        if not _is_integer(record[key]):
+            raise DataError(f"{path}: {singular} id {record['id']!r}: {key} must be an integer, got {record[key]!r}")
+    if section == "images" and not (record["width"] > 0 and record["height"] > 0):
+        raise DataError(f"{path}: image id {record['id']}: width and height must be positive, got "
+                        f"{record['width']}x{record['height']}")
+    if section == "images" and not isinstance(record["file_name"], str):
+        raise DataError(f"{path}: image id {record['id']}: file_name must be a string, got {record['file_name']!r}")
+
+
+def _is_number(value) -> bool:
+    # bool is an int to Python, and JSON's true is no number; NaN and infinity are no coordinate or size.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_integer(value) -> bool:
-    # bool is an int to Python, and JSON's true is no id; 3.0 is how some exporters write 3.
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    return _is_number(value) and float(value).is_integer()  # 3.0 is how some exporters write 3
 
 
 def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataReport]:
@@ -176,8 +183,7 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         if ann["category_id"] not in label_of:
             raise DataError(f"{where} (image id {ann['image_id']}): unknown category_id {ann['category_id']}")
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise DataError(f"{where} (image id {ann['image_id']}): bbox must be 4 finite numbers [x, y, w, h], "
                             f"got {bbox!r}")
         image = images[at]
@@ -195,8 +201,7 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         # COCOeval sorts boxes into small, medium and large by `area` (a mask's area in COCO); a missing, zero or
         # non-finite one would put every box in the wrong bin, so the box's own area stands in.
         area = ann.get("area")
-        given = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area > 0
-        area = float(area) if given else (x2 - x1) * (y2 - y1)
+        area = float(area) if _is_number(area) and area > 0 else (x2 - x1) * (y2 - y1)
         rows.append((at, ann["id"], label_of[ann["category_id"]], x1, y1, x2 - x1, y2 - y1, area, crowd))
     report.degenerate_ids = tuple(degenerate)
 
