@@ -87,11 +87,32 @@ def test_a_16_bit_grey_image_keeps_its_picture(tmp_path):
     ann = _write(tmp_path, [{"id": 1, "file_name": "deep.png", "width": 64, "height": 16}],
                  [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]}])
     with Image.open(tmp_path / "deep.png") as img:
-        assert img.mode.startswith("I")  # what Pillow makes of it
+        assert img.mode.startswith("I")  # I;16 in Pillow >= 10.3, I before
     expected = (grey >> 8).astype(np.uint8)
     for pixels in (np.asarray(CocoDetection(_split(ann, tmp_path), 64, train=False)._image(0)),
                    np.asarray(read_image(tmp_path / "deep.png"))):
         assert pixels.shape == (16, 64, 3) and (pixels == expected[:, :, None]).all()
+
+    # Turned by its EXIF orientation (6: stored 64x16, shown 16x64, as annotated) in training as in predict.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(grey).save(tmp_path / "deep.png", exif=exif)
+    ann = _write(tmp_path, [{"id": 1, "file_name": "deep.png", "width": 16, "height": 64}],
+                 [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]}])
+    trained = np.asarray(CocoDetection(_split(ann, tmp_path), 64, train=False)._image(0))
+    assert trained.shape == (64, 16, 3)
+    assert (trained == np.asarray(read_image(tmp_path / "deep.png"))).all()
+
+
+@pytest.mark.parametrize("values, expected", [([0, 7, 255], [0, 7, 255]), ([0, 256, 40000, 65535], [0, 1, 156, 255])])
+def test_a_32_bit_grey_image_is_taken_for_16_bit_only_when_it_must_be(values, expected):
+    """Pillow opens a 16-bit PGM (and before 10.3 a 16-bit PNG) as mode I; an 8-bit range stays as it is."""
+    from PIL import Image
+
+    from trainers.data import as_rgb
+
+    img = Image.fromarray(np.array([values], dtype=np.int32))
+    assert img.mode == "I" and np.asarray(as_rgb(img))[0, :, 0].tolist() == expected
 
 
 def test_an_image_with_more_boxes_than_effdet_pads_to_keeps_them_all(tmp_path):

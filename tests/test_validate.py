@@ -69,6 +69,11 @@ def test_shapes_dataset_is_clean(shapes):
     ({"annotations": [{"id": 10, "image_id": "1", "category_id": 2, "bbox": [1, 1, 5, 5]}]},
      r"ann.json: annotation id 10: image_id must be an integer, got '1'"),
     ({"categories": [{"id": True, "name": "x"}]}, r"ann.json: category id True: id must be an integer, got True"),
+    ({"images": [{"id": 2**63, "file_name": "a.png", "width": 40, "height": 30}]},
+     r"ann.json: image id 9223372036854775808: id must be an integer"),  # past int64, the index's type
+    ({"images": [{"id": 10**400, "file_name": "a.png", "width": 40, "height": 30}]}, r"id must be an integer"),
+    ({"images": [{"id": 1, "file_name": "a.png", "width": 1e300, "height": 30}]},
+     r"ann.json: image id 1: width must be an integer, got 1e\+300"),
     ({"annotations": [{"id": 10, "image_id": 1, "bbox": [1, 1, 5, 5]}]},
      r"annotation id 10: missing field 'category_id'"),
     ({"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 30}]},
@@ -258,3 +263,14 @@ def test_a_box_without_a_usable_area_is_binned_by_its_own(tmp_path, area):
         record["area"] = area
     index, _ = index_split(_dataset(tmp_path, annotations=[record]), tmp_path)
     assert index.coco_ground_truth().anns[10]["area"] == 100.0
+
+
+def test_a_box_just_over_1_px_is_trained_on_and_scored_alike(tmp_path):
+    """1.00000001 px is more than 1 in float64 but exactly 1 in float32, the index's precision: it must be dropped
+    from training and scoring alike, never trained on yet missing from the ground truth."""
+    path = _dataset(tmp_path, annotations=[
+        {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]},
+        {"id": 11, "image_id": 1, "category_id": 2, "bbox": [20, 2, 1.00000001, 10]}])
+    index, report = index_split(path, tmp_path)
+    assert report.degenerate_ids == (11,) and index.trainable.tolist() == [True, False]
+    assert sorted(index.coco_ground_truth().getAnnIds()) == [10]

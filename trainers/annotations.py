@@ -19,6 +19,12 @@ from pycocotools.coco import COCO
 MIN_BOX_SIDE = 1.0
 
 
+def degenerate(width, height):
+    """Boxes (scalars or arrays) no wider or taller than MIN_BOX_SIDE, judged in float32, the precision the index
+    keeps them in: a width of 1.00000001 is 1.0 there, and must not be trained on yet left out of the scoring."""
+    return (np.float32(width) <= MIN_BOX_SIDE) | (np.float32(height) <= MIN_BOX_SIDE)
+
+
 @dataclass(frozen=True)
 class LabelMap:
     """COCO category ids (possibly gapped) <-> effdet's contiguous 1-based class labels."""
@@ -95,7 +101,7 @@ class SplitIndex:
         images = [{"id": int(i), "width": int(w), "height": int(h)}
                   for i, (w, h) in zip(self.image_ids, self.sizes)]
         per_box_image = np.repeat(self.image_ids, np.diff(self.first_box))
-        present = (self.boxes[:, 2] > MIN_BOX_SIDE) & (self.boxes[:, 3] > MIN_BOX_SIDE)
+        present = ~degenerate(self.boxes[:, 2], self.boxes[:, 3])
         categories = self.label_map.to_categories(self.labels)
         annotations = [
             {"id": int(a), "image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in box],

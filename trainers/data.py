@@ -28,10 +28,14 @@ FILL_COLOR = tuple(round(x) for x in IMAGENET_MEAN)  # padding becomes ~0 after 
 
 def as_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB. Pillow's convert clips 16-bit grey (thermal, depth and medical images) to white, so such an image
-    is scaled to 8 bits first, as its top byte."""
-    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, and I, as which some Pillow versions open them
-        grey = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
-        img = Image.fromarray(grey)
+    is scaled to 8 bits first, as its top byte (12-bit data comes out dark). Pillow opens 16-bit PNGs and TIFFs as
+    I;16 (before Pillow 10.3, and 16-bit PGMs still, as I): an I image is taken for 16-bit when a value exceeds 255,
+    and one whose values are all 0-255 keeps them."""
+    if img.mode.startswith("I"):
+        values = np.asarray(img).astype(np.int64)
+        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values >> 8
+        img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 
@@ -90,8 +94,8 @@ class CocoDetection(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as img:
                     transpose = exif_transpose_needed(img, self.index, i)
-                    img = as_rgb(img)
-                    pixels = np.asarray(ImageOps.exif_transpose(img) if transpose else img)
+                    # Turned first: as_rgb makes a 16-bit image anew, without the EXIF that says how to turn it.
+                    pixels = np.asarray(as_rgb(ImageOps.exif_transpose(img) if transpose else img))
             except (FileNotFoundError, OSError) as err:
                 raise DataError(f"{path}: cannot read image id {int(self.index.image_ids[i])}: {err}") from None
             if self._cache is not None:

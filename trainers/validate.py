@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from trainers.annotations import MIN_BOX_SIDE, SplitIndex, TrainingData
+from trainers.annotations import SplitIndex, TrainingData, degenerate
 from trainers.errors import InputError
 
 CHECK_MODES = ("full", "headers", "sample")
@@ -145,12 +145,15 @@ def _check_fields(path: Path, section: str, record) -> None:
 
 
 def _is_number(value) -> bool:
-    # bool is an int to Python, and JSON's true is no number; NaN and infinity are no coordinate or size.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # bool is an int to Python, and JSON's true is no number; NaN, infinity and integers past int64 (the index's
+    # type) are no id, coordinate or size.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2**63 if isinstance(value, int) else math.isfinite(value)
 
 
 def _is_integer(value) -> bool:
-    return _is_number(value) and float(value).is_integer()  # 3.0 is how some exporters write 3
+    return _is_number(value) and float(value).is_integer() and abs(value) < 2**63  # 3.0: some exporters' 3
 
 
 def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataReport]:
@@ -170,7 +173,7 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
     report.images = len(images)
 
     rows: list[tuple] = []  # (image position, annotation id, label, x, y, w, h, area, crowd)
-    seen, degenerate = set(), []
+    seen, degenerate_ids = set(), []
     for ann in data["annotations"]:
         where = f"{path}: annotation id {ann['id']}"
         # pycocotools indexes annotations by id: duplicates would silently shadow each other.
@@ -193,8 +196,8 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         x2, y2 = min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"])
         report.clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
         crowd = bool(ann.get("iscrowd", 0))
-        if x2 - x1 <= MIN_BOX_SIDE or y2 - y1 <= MIN_BOX_SIDE:
-            degenerate.append(ann["id"])
+        if degenerate(x2 - x1, y2 - y1):
+            degenerate_ids.append(ann["id"])
         else:
             report.annotations += 1
             report.crowd += crowd
@@ -203,14 +206,14 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         area = ann.get("area")
         area = float(area) if _is_number(area) and area > 0 else (x2 - x1) * (y2 - y1)
         rows.append((at, ann["id"], label_of[ann["category_id"]], x1, y1, x2 - x1, y2 - y1, area, crowd))
-    report.degenerate_ids = tuple(degenerate)
+    report.degenerate_ids = tuple(degenerate_ids)
 
     rows.sort(key=lambda r: (r[0], r[1]))
     table = np.array([r[:3] for r in rows], dtype=np.int64).reshape(-1, 3)
     values = np.array([r[3:8] for r in rows], dtype=np.float64).reshape(-1, 5)
     crowd = np.array([r[8] for r in rows], dtype=bool)
     boxes = values[:, :4].astype(np.float32)
-    degenerate_rows = (values[:, 2] <= MIN_BOX_SIDE) | (values[:, 3] <= MIN_BOX_SIDE)
+    degenerate_rows = degenerate(values[:, 2], values[:, 3])
     trainable = ~crowd & ~degenerate_rows
     report.images_without_annotations = len(images) - len(np.unique(table[:, 0][~degenerate_rows]))
     index = SplitIndex(
