@@ -173,7 +173,7 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
     report.images = len(images)
 
     rows: list[tuple] = []  # (image position, annotation id, label, x, y, w, h, area, crowd)
-    seen, degenerate_ids = set(), []
+    seen = set()
     for ann in data["annotations"]:
         where = f"{path}: annotation id {ann['id']}"
         # pycocotools indexes annotations by id: duplicates would silently shadow each other.
@@ -196,25 +196,22 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         x2, y2 = min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"])
         report.clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
         crowd = bool(ann.get("iscrowd", 0))
-        if degenerate(x2 - x1, y2 - y1):
-            degenerate_ids.append(ann["id"])
-        else:
-            report.annotations += 1
-            report.crowd += crowd
         # COCOeval sorts boxes into small, medium and large by `area` (a mask's area in COCO); a missing, zero or
         # non-finite one would put every box in the wrong bin, so the box's own area stands in.
         area = ann.get("area")
         area = float(area) if _is_number(area) and area > 0 else (x2 - x1) * (y2 - y1)
         rows.append((at, ann["id"], label_of[ann["category_id"]], x1, y1, x2 - x1, y2 - y1, area, crowd))
-    report.degenerate_ids = tuple(degenerate_ids)
 
     rows.sort(key=lambda r: (r[0], r[1]))
     table = np.array([r[:3] for r in rows], dtype=np.int64).reshape(-1, 3)
     values = np.array([r[3:8] for r in rows], dtype=np.float64).reshape(-1, 5)
     crowd = np.array([r[8] for r in rows], dtype=bool)
     boxes = values[:, :4].astype(np.float32)
-    degenerate_rows = degenerate(values[:, 2], values[:, 3])
+    degenerate_rows = degenerate(values[:, 2], values[:, 3])  # judged once, for the report and the index alike
     trainable = ~crowd & ~degenerate_rows
+    report.annotations = int((~degenerate_rows).sum())
+    report.crowd = int((crowd & ~degenerate_rows).sum())
+    report.degenerate_ids = tuple(int(i) for i in table[:, 1][degenerate_rows])
     report.images_without_annotations = len(images) - len(np.unique(table[:, 0][~degenerate_rows]))
     index = SplitIndex(
         annotation_file=str(path), image_dir=str(image_dir), category_ids=category_ids,
