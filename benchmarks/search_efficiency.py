@@ -8,9 +8,12 @@ Methods, each with the job file's other defaults:
 - grid: the paper's rule at every phi step of the space (rule:0 ... rule:1), every trial to the end.
 
 Estimator, fixed before any result was seen:
-- Compute is charged per trial as the training plus evaluation seconds of every epoch it ran (the replay charges
-  a configuration's fastest recorded epoch, see search/replay.py), summed in
-  the order trials end. A method's hypervolume at compute c is that of the complete trials ended by then.
+- Compute is charged per trial as the training plus evaluation seconds of every epoch it ran, summed in the order
+  trials end. A method's hypervolume at compute c is that of the complete trials ended by then. The seconds per
+  epoch are each configuration's re-timed median (benchmarks/curve_timings.csv, see search/replay.py). Until
+  2026-12-06 they were its fastest recorded epoch; that charge measured the recording machine's load more than
+  the configuration (the same network at 267 s and 399 s), and it was replaced before any search was run on
+  the new one.
 - Hypervolume of (AP, GFLOPs) with reference point (AP 0, GFLOPs 1.1 x the costliest recorded configuration).
 - Every method is compared at equal compute: the budget is BUDGET_X times the grid's total compute.
 - Headline `compute_to_grid_hv`: per seed, the default's compute when its hypervolume first reaches the grid's

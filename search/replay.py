@@ -5,22 +5,28 @@ A proposal is served the recorded configuration nearest to it: the smallest sum 
 model spec's sizes (resolution, backbone width and depth, BiFPN width and cells, head repeats). The trial then
 reports that configuration's own GFLOPs and AP at each epoch, so each result is one that was measured.
 
-Seconds are charged per epoch as the configuration's fastest recorded epoch (training and evaluation apiece), not
-that epoch's own figure: the recording shared its 2 cores with other work for stretches (up to 4x slower epochs),
-and an epoch costs the same at epoch 1 and epoch 6, so the least disturbed of the six is the best estimate.
+Seconds are charged per epoch from benchmarks/curve_timings.csv (benchmarks/time_curves.py): every configuration
+timed again under one set of conditions, in rounds of shuffled order, and the median taken. The recording's own
+seconds are kept but not charged: it shared its 2 cores with other work for stretches (up to 4x slower epochs), so
+the same network was recorded at 267 s and at 399 s for six epochs, and the configurations recorded on a quiet
+stretch looked cheap. Without a timings file the fastest recorded epoch is charged, as before 2026-12-06.
 """
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 # The spec sizes a proposal is matched on.
 MATCHED = ("image_size", "backbone_width", "backbone_depth", "fpn_channels", "fpn_repeats", "head_repeats")
 CURVES_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "curves.csv"
+TIMINGS_CSV = CURVES_CSV.with_name("curve_timings.csv")
 # One row per configuration and epoch.
 COLUMNS = ("config", *MATCHED, "gflops", "params_m", "epoch", "map", "epoch_s", "eval_s")
+# One row per configuration and timing round.
+TIMING_COLUMNS = ("config", "round", "epoch_s", "eval_s", "first_epoch_s")
 
 
 @dataclass(frozen=True)
@@ -32,17 +38,28 @@ class Curve:
     gflops: float
     params_m: float
     epochs: tuple[tuple[float, float, float], ...]
+    timed_s: tuple[float, float] | None = None  # the re-timed (training, evaluation) seconds of one epoch
+
+    @property
+    def recorded_charge_s(self) -> tuple[float, float]:
+        """The fastest recorded training epoch and evaluation."""
+        return min(e for _, e, _ in self.epochs), min(v for _, _, v in self.epochs)
 
     @property
     def charged_s(self) -> tuple[float, float]:
-        """Seconds charged per epoch: the fastest recorded training epoch and evaluation."""
-        return min(e for _, e, _ in self.epochs), min(v for _, _, v in self.epochs)
+        """Seconds charged per epoch (training, evaluation): the re-timed figures where there are some."""
+        return self.timed_s or self.recorded_charge_s
 
     def distance(self, spec: dict) -> float:
         return sum(math.log(float(spec[key]) / size) ** 2 for key, size in zip(MATCHED, self.sizes))
 
 
 def load_curves(path: str | Path = CURVES_CSV) -> list[Curve]:
+    """The recorded curves, each with its re-timed seconds from curve_timings.csv beside `path` when that file
+    exists. A timings file that leaves out a configuration is an error: charging it by the other measure would
+    skew the comparison."""
+    timings = Path(path).with_name(TIMINGS_CSV.name)
+    timed = load_timings(timings) if timings.exists() else None
     rows: dict[str, list[dict]] = {}
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
@@ -51,10 +68,23 @@ def load_curves(path: str | Path = CURVES_CSV) -> list[Curve]:
     for config, epochs in rows.items():
         epochs.sort(key=lambda r: int(r["epoch"]))
         first = epochs[0]
+        if timed is not None and config not in timed:
+            raise ValueError(f"{timings}: no timing of {config}, which {path} records")
         curves.append(Curve(config, tuple(float(first[k]) for k in MATCHED), float(first["gflops"]),
                             float(first["params_m"]),
-                            tuple((float(r["map"]), float(r["epoch_s"]), float(r["eval_s"])) for r in epochs)))
+                            tuple((float(r["map"]), float(r["epoch_s"]), float(r["eval_s"])) for r in epochs),
+                            timed[config] if timed is not None else None))
     return curves
+
+
+def load_timings(path: str | Path) -> dict[str, tuple[float, float]]:
+    """Per configuration, the median over timing rounds of one epoch's training and evaluation seconds."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            runs.setdefault(row["config"], []).append((float(row["epoch_s"]), float(row["eval_s"])))
+    return {config: (statistics.median(e for e, _ in r), statistics.median(v for _, v in r))
+            for config, r in runs.items()}
 
 
 def write_curves(path: str | Path, rows: list[dict]) -> None:

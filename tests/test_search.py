@@ -824,6 +824,37 @@ def _curves_table(path):
     return load_curves(path)
 
 
+def test_the_replay_charges_the_median_of_the_timing_rounds_and_refuses_a_table_that_misses_a_configuration(tmp_path):
+    """With curve_timings.csv beside the curves, a configuration is charged the median over its rounds of one
+    epoch's training and evaluation seconds, not its fastest recorded epoch; without it, the fastest recorded
+    epoch. A timings file that leaves out a recorded configuration is refused, naming it."""
+    import csv
+
+    from search.replay import TIMING_COLUMNS, load_curves
+
+    curves = _curves_table(tmp_path / "curves.csv")  # c0..c4, recorded epoch_s 200 x GFLOPs, eval_s 2.0
+    assert curves[0].charged_s == curves[0].recorded_charge_s == (200 * curves[0].gflops, 2.0)
+    rounds = {"c0": [(30.0, 5.0), (10.0, 3.0), (20.0, 4.0)], "c1": [(7.0, 1.0), (9.0, 9.0), (8.0, 2.0)],
+              "c2": [(1.0, 1.0)], "c3": [(2.0, 1.0)], "c4": [(3.0, 1.0)]}
+
+    def write(table):
+        with open(tmp_path / "curve_timings.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=TIMING_COLUMNS)
+            writer.writeheader()
+            for config, runs in table.items():
+                for number, (epoch_s, eval_s) in enumerate(runs):
+                    writer.writerow({"config": config, "round": number, "epoch_s": epoch_s, "eval_s": eval_s,
+                                     "first_epoch_s": epoch_s + 5})
+
+    write(rounds)
+    timed = {c.config: c for c in load_curves(tmp_path / "curves.csv")}
+    assert timed["c0"].charged_s == (20.0, 4.0) and timed["c1"].charged_s == (8.0, 2.0)
+    assert timed["c0"].recorded_charge_s == curves[0].recorded_charge_s
+    write({k: v for k, v in rounds.items() if k != "c3"})
+    with pytest.raises(ValueError, match="no timing of c3"):
+        load_curves(tmp_path / "curves.csv")
+
+
 def test_the_pareto_stopper_prunes_on_replayed_curves_and_pruned_trials_stay_off_the_frontier(tmp_path, shapes,
                                                                                                  monkeypatch,
                                                                                                  local_ray):
