@@ -21,7 +21,7 @@ demo: $(INSTALLED)
 
 # pytest exits 5 when it collected no test: that means the suite is missing, which is a failure here.
 test: $(INSTALLED)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest --timeout=900 -ra $(PYTEST_ARGS); rc=$$?; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest --timeout=900 -ra --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
