@@ -17,6 +17,8 @@ Method, fixed before any result was seen:
   machine falls on different configurations in each round;
 - the charge per configuration is the median over rounds of epoch 2's training seconds, and of its evaluation
   seconds. Every run's figures are written.
+Like record_curves.py, this records rather than benchmarks: about an hour on 2 cores, run alone (other work on the
+machine is what it corrects for), in the background.
 Headline: the median over configurations of the spread of the training seconds over rounds ((max - min) / median),
 printed as `timing_spread:`, with the two pairs of identical networks compared above it.
 """
