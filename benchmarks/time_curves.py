@@ -49,15 +49,20 @@ SAME_NETWORK = (("c30", "c33"), ("c36", "c39"))
 
 
 def recorded_spec(sizes: tuple[float, ...]) -> dict:
-    """The model spec the recording trained, from its sizes and the CPU preset's fixed fields."""
-    from spaces.compound import CPU_BOUNDS as b
+    """The model spec the recording trained: the CPU compound space's own spec (the rule at phi 0) with the recorded
+    sizes in place of its own, and the anchors the space scales to that input size."""
+    import optuna
 
-    spec = dict(zip(MATCHED, sizes))
+    from spaces import enqueued_params, make_space
+    from spaces.compound import CPU_BOUNDS
+
+    (point,) = enqueued_params("compound", ["rule:0"], {"preset": "cpu"})
+    spec = {**make_space("compound", {"preset": "cpu"})(optuna.trial.FixedTrial(point))["spec"],
+            **dict(zip(MATCHED, sizes))}
     for key in ("image_size", "fpn_channels", "fpn_repeats", "head_repeats"):
         spec[key] = int(spec[key])
-    return {**spec, "backbone_family": b.backbone_family, "min_level": 3, "max_level": b.max_level,
-            "anchor_scale": b.anchor_at(spec["image_size"], b.base_resolution), "fusion": "fastattn",
-            "bn_momentum": b.bn_momentum, "drop_path_rate": b.drop_path_rate}
+    spec["anchor_scale"] = CPU_BOUNDS.anchor_at(spec["image_size"], CPU_BOUNDS.base_resolution)
+    return spec
 
 
 def time_one(task: tuple[str, int, dict, dict]) -> dict:
