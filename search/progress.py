@@ -37,9 +37,11 @@ class ProgressPrinter(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ap = result.get("map")
         ap_text = f"AP {ap:.3f}" if ap is not None else "AP -"
-        self._say(f"{self._name(trial)} epoch {result.get('epoch')}/{self.total_epochs}: {ap_text}, "
-                  f"loss {result.get('loss', float('nan')):.3f}, {result.get('gflops', 0):.3f} GFLOPs, "
-                  f"{result.get('epoch_s', 0):.0f} s/epoch")
+        # A replayed trial (search.replay) reports no loss: leave it out rather than print "loss nan".
+        loss = result.get("loss")
+        loss_text = f"loss {loss:.3f}, " if loss is not None else ""
+        self._say(f"{self._name(trial)} epoch {result.get('epoch')}/{self.total_epochs}: {ap_text}, {loss_text}"
+                  f"{result.get('gflops', 0):.3f} GFLOPs, {result.get('epoch_s', 0):.0f} s/epoch")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1

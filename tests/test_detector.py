@@ -115,3 +115,19 @@ def test_a_trials_start_line_names_its_detector_parts_where_the_space_chose_them
     first, second = out.getvalue().splitlines()
     assert first.endswith("trial 1/2 started: image_size=160, fpn_channels=48, neck=fpn, head=center")
     assert second.endswith("trial 2/2 started: image_size=192")
+
+
+def test_an_epoch_line_gives_the_loss_only_where_the_trial_reported_one():
+    import io
+    from types import SimpleNamespace
+
+    from search.progress import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(total_trials=2, total_epochs=6, stream=out)
+    trained, replayed = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    printer.on_trial_result(0, [], trained, {"epoch": 1, "map": 0.25, "loss": 1.5, "gflops": 0.12, "epoch_s": 30})
+    printer.on_trial_result(0, [], replayed, {"epoch": 2, "map": 0.3, "gflops": 0.05, "epoch_s": 14})
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("trial 1/2 epoch 1/6: AP 0.250, loss 1.500, 0.120 GFLOPs, 30 s/epoch")
+    assert second.endswith("trial 2/2 epoch 2/6: AP 0.300, 0.050 GFLOPs, 14 s/epoch")
