@@ -24,7 +24,6 @@ printed as `timing_spread:`, with the two pairs of identical networks compared a
 """
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import os
 import random
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.replay import MATCHED, TIMINGS_CSV, TIMING_COLUMNS, load_curves  # noqa: E402
+from search.replay import MATCHED, TIMINGS_CSV, load_curves, write_timings  # noqa: E402
 
 # TIME_CURVES_SMOKE=1: 2 configurations, 1 round, on 40 / 20 images, written into the work folder: the script end
 # to end in a few minutes, before the long run.
@@ -120,10 +119,7 @@ def main() -> None:
                   f"eval {row['eval_s']:.1f} s ({len(rows)}/{len(tasks)})", flush=True)
     rows.sort(key=lambda r: (r["config"], r["round"]))
     out = work / TIMINGS_CSV.name if SMOKE else TIMINGS_CSV
-    with open(out, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=TIMING_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_timings(out, rows)
     print(f"wrote {out}", flush=True)
 
     by_config = {c: [r["epoch_s"] for r in rows if r["config"] == c] for c in specs}

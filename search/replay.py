@@ -73,7 +73,7 @@ def load_curves(path: str | Path = CURVES_CSV) -> list[Curve]:
         curves.append(Curve(config, tuple(float(first[k]) for k in MATCHED), float(first["gflops"]),
                             float(first["params_m"]),
                             tuple((float(r["map"]), float(r["epoch_s"]), float(r["eval_s"])) for r in epochs),
-                            timed[config] if timed is not None else None))
+                            (timed or {}).get(config)))
     return curves
 
 
@@ -88,8 +88,16 @@ def load_timings(path: str | Path) -> dict[str, tuple[float, float]]:
 
 
 def write_curves(path: str | Path, rows: list[dict]) -> None:
+    _write_rows(path, COLUMNS, rows)
+
+
+def write_timings(path: str | Path, rows: list[dict]) -> None:
+    _write_rows(path, TIMING_COLUMNS, rows)
+
+
+def _write_rows(path: str | Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 

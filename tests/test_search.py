@@ -828,9 +828,7 @@ def test_the_replay_charges_the_median_of_the_timing_rounds_and_refuses_a_table_
     """With curve_timings.csv beside the curves, a configuration is charged the median over its rounds of one
     epoch's training and evaluation seconds, not its fastest recorded epoch; without it, the fastest recorded
     epoch. A timings file that leaves out a recorded configuration is refused, naming it."""
-    import csv
-
-    from search.replay import TIMING_COLUMNS, load_curves
+    from search.replay import load_curves, write_timings
 
     curves = _curves_table(tmp_path / "curves.csv")  # c0..c4, recorded epoch_s 200 x GFLOPs, eval_s 2.0
     assert curves[0].charged_s == curves[0].recorded_charge_s == (200 * curves[0].gflops, 2.0)
@@ -838,13 +836,10 @@ def test_the_replay_charges_the_median_of_the_timing_rounds_and_refuses_a_table_
               "c2": [(1.0, 1.0)], "c3": [(2.0, 1.0)], "c4": [(3.0, 1.0)]}
 
     def write(table):
-        with open(tmp_path / "curve_timings.csv", "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=TIMING_COLUMNS)
-            writer.writeheader()
-            for config, runs in table.items():
-                for number, (epoch_s, eval_s) in enumerate(runs):
-                    writer.writerow({"config": config, "round": number, "epoch_s": epoch_s, "eval_s": eval_s,
-                                     "first_epoch_s": epoch_s + 5})
+        write_timings(tmp_path / "curve_timings.csv",
+                      [{"config": config, "round": number, "epoch_s": epoch_s, "eval_s": eval_s,
+                        "first_epoch_s": epoch_s + 5}
+                       for config, runs in table.items() for number, (epoch_s, eval_s) in enumerate(runs)])
 
     write(rounds)
     timed = {c.config: c for c in load_curves(tmp_path / "curves.csv")}
