@@ -102,6 +102,13 @@ def _runs(client, outcome):
     return by_state
 
 
+def _off_frontier_with_model(client, outcome):
+    """The complete runs off the frontier that logged a model, in the store's order: the first is the one that
+    tests promote with force, so that whatever order the tests run in, the others stay collectable."""
+    return [r for r in _runs(client, outcome)[COMPLETE]
+            if r.data.tags[FRONTIER_TAG] == "false" and MODEL_URI_TAG in r.data.tags]
+
+
 def _one_line_refusal(capsys, *argv) -> str:
     capsys.readouterr()  # what earlier calls printed
     assert main(list(argv)) == 2
@@ -185,7 +192,7 @@ def test_runs_that_did_not_complete_are_refused(store, capsys, state, message):
 def test_a_run_off_the_frontier_needs_force_and_one_without_a_model_is_refused(store, capsys):
     outcome, client, _ = store
     complete = _runs(client, outcome)[COMPLETE]
-    off = next(r for r in complete if r.data.tags[FRONTIER_TAG] == "false" and MODEL_URI_TAG in r.data.tags)
+    off = _off_frontier_with_model(client, outcome)[0]
     err = _one_line_refusal(capsys, "promote", NAME, "--run-id", off.info.run_id, "--model-name", "forced")
     assert "is not on the frontier; --force promotes it anyway" in err
     assert main(["promote", NAME, "--run-id", off.info.run_id, "--force", "--model-name", "forced"]) == 0
@@ -223,11 +230,16 @@ def test_gc_lists_then_deletes_only_unregistered_models_off_the_frontier(store, 
     from search.model_gc import MODEL_DELETED_TAG, collectable
 
     outcome, client, _ = store
+    # What gc must keep, registered here so that the test does not lean on the promotions of the tests before it:
+    # a frontier run, and one of the two dominated runs with a model (promoted with force).
+    front = compute_frontier(complete_trials(client, outcome.experiment_id))
+    promote(client, NAME, run_id=front[0].run_id, model_name="gc-kept")
+    dominated = [r.info.run_id for r in _off_frontier_with_model(client, outcome)]
+    assert len(dominated) >= 2, "the fixture has two dominated runs with models"
+    promote(client, NAME, run_id=dominated[0], force=True, model_name="gc-kept-off")  # the one the force test takes
     registered = {v.tags.get("run_id") for v in client.search_model_versions()}
-    expected = {r.info.run_id for r in _runs(client, outcome)[COMPLETE]
-                if r.data.tags[FRONTIER_TAG] == "false" and MODEL_URI_TAG in r.data.tags
-                and r.info.run_id not in registered}
-    assert expected, "the fixture has two dominated runs with models; at most one was promoted (--force)"
+    expected = set(dominated) - registered
+    assert dominated[0] not in expected and expected
     assert {c.run_id for c in collectable(client, NAME)} == expected
     assert main(["gc", NAME]) == 0
     assert "would delete" in capsys.readouterr().out
@@ -246,7 +258,7 @@ def test_gc_lists_then_deletes_only_unregistered_models_off_the_frontier(store, 
     # Registered models still load.
     import mlflow.pytorch
 
-    for name in ("lineage", "aliases"):
+    for name in ("gc-kept", "gc-kept-off"):
         assert mlflow.pytorch.load_model(f"models:/{name}@{PRODUCTION}") is not None
     with pytest.raises(PromotionRefused):
         rollback(client, "no-such-model")
