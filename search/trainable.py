@@ -27,6 +27,8 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from search.job import Job, ResourcesConfig
+from search.logged_model import save_model_folder
+from search.states import FULL_BUDGET_KEY
 from spaces import check_budget
 from trainers.annotations import TrainingData
 from trainers.loop import TrialPlan, fit, train_worker
@@ -91,6 +93,13 @@ def run_trial(config: dict, *, setup: TrialSetup) -> None:
     _fit_and_forward(_torch_trainer(plan, setup, ForwardReports(queue)), queue)
 
 
+def add_model_folder(metrics: dict, checkpoint_dir: str | None) -> None:
+    """Before a trial's last report: its MLflow model folder into the checkpoint, saved here on the trial's own
+    cores rather than by the search's driver (search/logged_model.py)."""
+    if checkpoint_dir and metrics.get(FULL_BUDGET_KEY) == 1:
+        save_model_folder(checkpoint_dir)
+
+
 def trial_recipe(recipe: TrainConfig, config: dict) -> TrainConfig:
     """The job's training settings with the ones this trial's proposal searched (config["train"]) in their place."""
     searched = config.get("train") or {}
@@ -124,6 +133,7 @@ def _fit_in_trial(plan: TrialPlan, resources: ResourcesConfig) -> None:
     device = torch.device("cuda", 0) if resources.gpus_per_worker > 0 else torch.device("cpu")
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        add_model_folder(metrics, checkpoint_dir)
         # Tune copies the folder into the trial's storage before report returns; the loop then deletes it.
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
                         if checkpoint_dir else None)
@@ -140,7 +150,7 @@ def _torch_trainer(plan: TrialPlan, setup: TrialSetup, forward: ForwardReports) 
     trial_id = ray.tune.get_context().get_trial_id()
     return TorchTrainer(
         setup.worker_loop,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "before_report": add_model_folder},
         # PACK (Train's default, named because placement matters): a trial's workers share a node when they
         # fit, so NCCL and SyncBN run over NVLink, and spread over nodes only when no one node holds them all.
         scaling_config=ray.train.ScalingConfig(

@@ -23,14 +23,15 @@ def two_worker_run(tmp_path_factory, small):
         "train": {"epochs": 2, "batch_size": 4, "eval_every": 1},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
     }
-    with searched_store(tmp_path_factory.mktemp("dist"), raw) as (outcome, client):
+    folder = tmp_path_factory.mktemp("dist")
+    with searched_store(folder, raw) as (outcome, client):
         runs = client.search_runs([outcome.experiment_id],
                                   filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
-        yield outcome, client, runs
+        yield outcome, client, runs, folder / "store"
 
 
 def test_trial_trains_on_two_disjoint_shards(two_worker_run):
-    outcome, client, runs = two_worker_run
+    outcome, client, runs, _ = two_worker_run
     assert outcome.finished == 1 and len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -44,8 +45,24 @@ def test_trial_trains_on_two_disjoint_shards(two_worker_run):
 
 
 def test_evaluation_gathers_every_rank(two_worker_run):
-    outcome, client, runs = two_worker_run
+    outcome, client, runs, _ = two_worker_run
     history = client.get_metric_history(runs[0].info.run_id, "eval_images")
     # 4 validation images, split 2 and 2 across the ranks, all scored by rank 0.
     assert [m.value for m in history] == [4, 4]
     assert 0.0 <= runs[0].data.metrics["map"] <= 1.0
+
+
+def test_rank_0_saves_the_model_in_its_last_checkpoint_and_the_driver_logs_that(two_worker_run):
+    """The Train workers' loop saves the MLflow model folder into rank 0's last checkpoint (config["before_report"]);
+    the driver's logged model is that folder's graph."""
+    import filecmp
+    from pathlib import Path
+
+    from search.logged_model import MLMODEL, MODEL_FOLDER
+    from search.tracking import MODEL_URI_TAG
+
+    _, client, runs, store = two_worker_run
+    (saved,) = [path.parent for path in store.rglob(f"{MODEL_FOLDER}/{MLMODEL}")]
+    model = client.get_logged_model(runs[0].data.tags[MODEL_URI_TAG].removeprefix("models:/"))
+    logged = Path(model.artifact_location.removeprefix("file://"))
+    assert filecmp.cmp(logged / "data" / "model.pt2", saved / "data" / "model.pt2", shallow=False)

@@ -196,6 +196,42 @@ def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(unt
         assert np.asarray(drawn.convert("RGB")).tolist() != np.asarray(original).tolist()  # boxes drawn on it
 
 
+def test_a_model_folder_saved_in_the_trial_is_logged_as_it_is_and_one_missing_is_exported(store):
+    """log_model uploads the folder a trial saved beside its checkpoint (a file only the trial wrote shows it was
+    not exported again); for a checkpoint without one it exports the model itself. Both load as graphs whose
+    outputs are the checkpoint's network's, and neither keeps MLflow's JSON copies of the input example."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from search.logged_model import MODEL_FOLDER, save_model_folder
+    from search.tracking import MODEL_URI_TAG
+
+    spec = _spec()
+    torch.manual_seed(0)
+    network = build_model(spec).eval()
+    x = torch.rand(2, 3, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        expected = network(x)
+    for kind in ("saved", "missing"):
+        checkpoint = store / f"folder-{kind}"
+        checkpoint.mkdir()
+        save_checkpoint(checkpoint, spec=spec, model=network, ema_model=None, deploy="raw", state={"epoch": 1})
+        if kind == "saved":
+            (save_model_folder(checkpoint) / "written-in-the-trial").write_text("")
+        assert (checkpoint / MODEL_FOLDER).exists() == (kind == "saved")  # the driver writes no folder of its own
+        run_id = _logged(store, checkpoint)
+        client = MlflowClient()
+        model = client.get_logged_model(client.get_run(run_id).data.tags[MODEL_URI_TAG].removeprefix("models:/"))
+        files = {p.name for p in Path(model.artifact_location.removeprefix("file://")).rglob("*")}
+        assert ("written-in-the-trial" in files) == (kind == "saved"), files
+        assert "model.pt2" in files and not any("input_example" in name for name in files), files
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        with torch.no_grad():
+            outputs = loaded(x)
+        for got, want in zip((*outputs[0], *outputs[1]), (*expected[0], *expected[1]), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_an_untrained_model_predicts_on_any_image_size(untrained, tmp_path, capsys):
     Image.new("RGB", (333, 171), (90, 120, 150)).save(tmp_path / "odd.jpg")
     out = tmp_path / "dets.json"

@@ -8,7 +8,9 @@ from search.frontier import complete_trials
 from search.lineage import DATA_HASH_TAG, EPOCHS_TAG
 from search.pareto import pareto_front
 from search.states import COMPLETE, STATE_TAG
-from search.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, OPTUNA_NUMBER_TAG, PARENT_TAG, TRIAL_ID_TAG
+from search.logged_model import MLMODEL, MODEL_FOLDER
+from search.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MODEL_URI_TAG, OPTUNA_NUMBER_TAG, PARENT_TAG,
+                             TRIAL_ID_TAG)
 from conftest import empty_mlflow_store
 
 TRIALS = 8
@@ -48,7 +50,7 @@ def concurrent(tmp_path_factory, local_ray):
     said = []
     try:
         outcome = run_search(parse_job(raw), store=folder / "store", say=said.append)
-        yield outcome, MlflowClient(uri), said
+        yield outcome, MlflowClient(uri), said, folder / "store"
     finally:
         patch.undo()
 
@@ -60,7 +62,7 @@ def _children(client, outcome):
 def test_eight_concurrent_trials_write_every_metric_to_one_sqlite_store(concurrent):
     """Every epoch of every trial lands (a write that failed on a locked store would have raised out of the search
     or left a gap), and the trials did train at once: at least half of the runs were open at one instant."""
-    outcome, client, said = concurrent
+    outcome, client, said, _ = concurrent
     runs = _children(client, outcome)
     assert outcome.failed == 0 and len(runs) == TRIALS, [r.data.tags.get("effsearch.reason") for r in runs]
     spans = []
@@ -77,7 +79,7 @@ def test_eight_concurrent_trials_write_every_metric_to_one_sqlite_store(concurre
 
 
 def test_each_trial_run_holds_its_spec_searched_values_and_tags(concurrent):
-    outcome, client, _ = concurrent
+    outcome, client, *_ = concurrent
     experiment = client.get_experiment(outcome.experiment_id)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     parent = client.get_run(outcome.parent_run_id)
@@ -93,7 +95,7 @@ def test_each_trial_run_holds_its_spec_searched_values_and_tags(concurrent):
 def test_the_parents_frontier_csv_is_the_pareto_front_of_its_complete_runs(concurrent, tmp_path):
     import mlflow
 
-    outcome, client, _ = concurrent
+    outcome, client, *_ = concurrent
     path = mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id, artifact_path="frontier.csv",
                                                dst_path=str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(open(path).read())))
@@ -108,6 +110,29 @@ def test_the_parents_frontier_csv_is_the_pareto_front_of_its_complete_runs(concu
     page = open(mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id, artifact_path="frontier.html",
                                                     dst_path=str(tmp_path))).read()
     assert "plotly_click" in page and all(row["run_name"] in page for row in rows)
+
+
+def test_each_trial_saved_its_model_in_its_last_checkpoint_and_the_driver_logged_those_files(concurrent):
+    """The trials export their models, on their own cores, into their last checkpoints; the driver uploads those
+    folders as they are (search/logged_model.py): each run's logged model holds its trial's files, byte for byte,
+    and no JSON copy of the input example."""
+    import filecmp
+    from pathlib import Path
+
+    outcome, client, _, store = concurrent
+    saved = list(store.rglob(f"{MODEL_FOLDER}/{MLMODEL}"))
+    assert len(saved) == TRIALS  # one a trial: only in the last of its checkpoints
+    for run in _children(client, outcome):
+        (mlmodel,) = [path for path in saved if run.data.tags[TRIAL_ID_TAG] in str(path)]
+        in_trial = mlmodel.parent
+        model = client.get_logged_model(run.data.tags[MODEL_URI_TAG].removeprefix("models:/"))
+        logged = Path(model.artifact_location.removeprefix("file://"))
+        files = sorted(str(p.relative_to(logged)) for p in logged.rglob("*") if p.is_file())
+        assert files == sorted(str(p.relative_to(in_trial)) for p in in_trial.rglob("*") if p.is_file())
+        assert "data/model.pt2" in files and not any("input_example" in name for name in files), files
+        for name in files:
+            if name != MLMODEL:  # the logged one adds the run's and the model's ids
+                assert filecmp.cmp(logged / name, in_trial / name, shallow=False), name
 
 
 def _instant(config, *, setup):

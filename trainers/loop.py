@@ -300,13 +300,17 @@ def _shard_overlap(indices: list[int], world_size: int) -> int:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: config["plan"] is the trial's TrialPlan; reports and resumes through ray.train."""
+    """Ray Train's train_loop_per_worker: config["plan"] is the trial's TrialPlan (and config["before_report"], if
+    given, sees each report first); reports and resumes through ray.train."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
+    # What the caller does with a report before Train takes it (the search adds its model folder to the last).
+    before_report = config.get("before_report", lambda metrics, checkpoint_dir: None)
 
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        before_report(metrics, checkpoint_dir)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
