@@ -30,6 +30,22 @@ def two_worker_run(tmp_path_factory, small):
         yield outcome, client, runs, folder / "store"
 
 
+@pytest.fixture(scope="module")
+def center_two_worker_run(tmp_path_factory, small):
+    """One 2-worker trial of the anchor-free center head, whose last neck cell leaves the levels it does not read
+    without a gradient: 2 steps a rank in its one epoch."""
+    raw = {
+        "name": "two-workers-center",
+        "data": {"train": small["train"], "val": small["val"]},
+        "search": {"space": ["lite_cpu", "detector"], "trials": 1, "seed": 0, "scheduler": "fifo",
+                   "bounds": {"detector": {"heads": ["center"], "necks": ["bifpn"]}}},
+        "train": {"epochs": 1, "batch_size": 4},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+    }
+    with searched_store(tmp_path_factory.mktemp("dist-center"), raw) as (outcome, client):
+        yield outcome, client
+
+
 def test_trial_trains_on_two_disjoint_shards(two_worker_run):
     outcome, client, runs, _ = two_worker_run
     assert outcome.finished == 1 and len(runs) == 1
@@ -66,3 +82,13 @@ def test_rank_0_saves_the_model_in_its_last_checkpoint_and_the_driver_logs_that(
     model = client.get_logged_model(runs[0].data.tags[MODEL_URI_TAG].removeprefix("models:/"))
     logged = Path(model.artifact_location.removeprefix("file://"))
     assert filecmp.cmp(logged / "data" / "model.pt2", saved / "data" / "model.pt2", shallow=False)
+
+
+def test_a_center_head_trains_on_two_workers(center_two_worker_run):
+    """DDP must be told that some parameters get no gradient (trainers.loop.ddp_options); without it the second step
+    failed with "Expected to have finished reduction in the prior iteration"."""
+    outcome, client = center_two_worker_run
+    (run,) = client.search_runs([outcome.experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    assert outcome.finished == 1 and outcome.failed == 0, outcome.first_error
+    assert run.data.params["head"] == "center" and run.data.metrics["world_size"] == 2
+    assert run.data.metrics["train_images"] == 16

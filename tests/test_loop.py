@@ -161,6 +161,27 @@ def test_every_module_the_loop_runs_sits_on_the_model_device(shapes):
             assert tensor.device == meta, f"{type(module).__name__}.{name} is on {tensor.device}"
 
 
+@pytest.mark.parametrize("parts", [{}, {"neck": "pan", "box_loss": "giou", "assigner": "atss"}, {"neck": "fpn"},
+                                   {"head": "center"}, {"head": "center", "neck": "pan"}],
+                         ids=["anchor", "anchor-pan-giou-atss", "anchor-fpn", "center", "center-pan"])
+def test_ddp_looks_for_unused_parameters_exactly_where_a_step_leaves_some_without_a_gradient(shapes, parts):
+    """One real training step of each detector's bench, on a batch of the real loader: the parameters with no
+    gradient are the ones DDP would wait for forever, so ddp_options must ask it to look for them there, and
+    only there (the search costs a graph walk a step)."""
+    from trainers.data import to_model_input
+    from trainers.loop import build_modules, data_loaders, ddp_options
+    from trainers.recipe import placement
+
+    torch.manual_seed(0)
+    plan = _plan(shapes, TrainConfig(batch_size=2, ema=False, threads=1), SPEC.replace(**parts))
+    modules = build_modules(plan, torch.device("cpu"), world_size=1)
+    loaders = data_loaders(plan, modules.model, placement(plan.recipe, torch.device("cpu")), 0, 1, 1)
+    images, targets = next(iter(loaders[3]))  # the training loader
+    modules.train_bench(to_model_input(images, "cpu"), targets)["loss"].backward()
+    unused = [name for name, p in modules.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert ddp_options(plan.spec).get("find_unused_parameters", False) == bool(unused), unused
+
+
 def test_sgd_and_linear_lr_scaling():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01, batch_size=8, lr_batch=16), 4)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -299,6 +300,14 @@ def _shard_overlap(indices: list[int], world_size: int) -> int:
     return len(everyone) - len(set(everyone))
 
 
+def ddp_options(spec: ModelSpec) -> dict:
+    """DistributedDataParallel's options for spec's training bench. The center head reads one level of the neck,
+    so the last neck cell's nodes for the other levels get no gradient; DDP must then look for unused parameters
+    every step, or its second step fails ("Expected to have finished reduction in the prior iteration"). The
+    anchor heads read every level, and skip that search."""
+    return {"find_unused_parameters": True} if spec.head == "center" else {}
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: config["plan"] is the trial's TrialPlan (and config["before_report"], if
     given, sees each report first); reports and resumes through ray.train."""
@@ -319,4 +328,6 @@ def train_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
         fit(config["plan"], report, rank=context.get_world_rank(), world_size=context.get_world_size(),
             local_world_size=context.get_local_world_size(), device=ray.train.torch.get_device(),
-            prepare_model=ray.train.torch.prepare_model, resume_from=resume_from)
+            prepare_model=functools.partial(ray.train.torch.prepare_model,
+                                            parallel_strategy_kwargs=ddp_options(config["plan"].spec)),
+            resume_from=resume_from)
