@@ -86,3 +86,13 @@ def test_a_gpu_trial_trains_evaluates_and_resumes(shapes, tmp_path, amp):
     fit(plan, lambda metrics, folder: resumed.append(metrics), device=CUDA, resume_from=str(kept[0]))
     assert [(r["epoch"], r["resumed_from_epoch"]) for r in resumed] == [(2, 1)]
     assert 0.0 <= resumed[-1]["map"] <= 1.0
+
+
+def test_the_gpu_memory_peak_is_the_runs_own(shapes):
+    """A 1 GiB allocation before the run (a larger earlier trial in the same reused process) is not its peak."""
+    earlier = torch.empty(2**30, dtype=torch.uint8, device=CUDA)
+    del earlier
+    reports = []
+    fit(TrialPlan(SPEC, training_data(shapes), TrainConfig(epochs=1, batch_size=8)),
+        lambda metrics, folder: reports.append(metrics), device=CUDA)
+    assert 0 < reports[-1]["peak_memory_mb"] < 1024, reports[-1]["peak_memory_mb"]  # not reset: at least 1024

@@ -1,5 +1,6 @@
 """The per-worker loop without Ray: per-epoch reports and checkpoints, resume, precision, and failure messages."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,24 @@ def test_fit_reports_and_checkpoints_every_epoch_and_saves_a_reloadable_model(sh
     with torch.no_grad():
         classes, _ = model(torch.zeros(1, 3, 128, 128))
     assert classes[0].shape == (1, 9 * 3, 16, 16)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's per-process peak reset")
+def test_the_memory_peak_is_the_runs_own_not_the_processs(shapes, tmp_path):
+    """Tune runs one trial after another in the same process: a peak 1 GiB above anything this run needs, left by
+    what ran before it, is not reported as the run's."""
+    import numpy as np
+
+    def process_peak_mb():
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+
+    earlier = np.ones(2**30 // 8)  # touched, so resident: what a larger earlier trial left as the process's peak
+    del earlier
+    before = process_peak_mb()
+    reports = _Recorder(tmp_path)
+    fit(_plan(shapes, TrainConfig(epochs=1, batch_size=8, threads=1)), reports)
+    assert 100 < reports.metrics[-1]["peak_memory_mb"] < before - 512, (reports.metrics[-1]["peak_memory_mb"], before)
 
 
 def test_killed_run_resumes_at_the_next_epoch_and_ends_where_an_uninterrupted_one_does(shapes, tmp_path):

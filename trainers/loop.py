@@ -6,6 +6,7 @@ import functools
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -96,6 +97,7 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
     if place.threads:
         torch.set_num_threads(place.threads)
     torch.backends.cudnn.benchmark = place.cudnn_benchmark
+    _reset_peak_memory(device)
     cost = model_cost(spec)
     modules = build_modules(plan, device, world_size)
     model, ema = modules.model, modules.ema
@@ -256,12 +258,28 @@ class _StepContext:
                 f"lower train.batch_size or the search space's image size ({str(err).splitlines()[0]})") from None
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start this run's memory peak afresh: Tune runs trial after trial in one process (reuse_actors), and a peak
+    kept from the process's start gave a small trial the largest earlier trial's figure."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux (4.0 on): "5" resets the process's RSS high-water mark (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the CPU figure stays the process's peak
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process's RSS peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _device_name(device: torch.device) -> str:
