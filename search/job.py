@@ -184,6 +184,10 @@ def _check_values(job: Job, source: str) -> None:
     for key in ("gpus_per_worker", "max_failures"):
         if getattr(job.resources, key) < 0:
             problems.append(f"job.resources.{key}: must be >= 0")
+    if job.resources.gpus_per_worker > 1:  # Ray would reserve them all, and the worker would train on the first
+        gpus = job.resources.gpus_per_worker
+        problems.append(f"job.resources.gpus_per_worker: a worker trains on one GPU, so it is 0 or 1, got {gpus}; "
+                        f"for {gpus} GPUs a trial, set workers_per_trial: {gpus}")
     if not job.name.strip():
         problems.append("job.name: must not be empty")
     if job.data.check not in CHECK_MODES:

@@ -54,6 +54,8 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"search": ["space: nope"]}, "job.search.space: unknown space 'nope'"),
     ({"train": ["lr: -1"]}, "job.train.lr: must be > 0"),
     ({"resources": ["gpus_per_worker: -1"]}, "job.resources.gpus_per_worker: must be >= 0"),
+    ({"resources": ["gpus_per_worker: 4"]}, "job.resources.gpus_per_worker: a worker trains on one GPU, so it is 0 "
+                                            "or 1, got 4; for 4 GPUs a trial, set workers_per_trial: 4"),
     ({"colour": ["x: 1"]}, "job.colour: unknown key"),
     ({"search": ["sampler: cma"]}, "job.search.sampler: must be one of tpe, nsga2, gp, random, got 'cma'"),
     ({"search": ["fixed: 512"]}, "job.search.fixed: must be a mapping of parameter: value, got 512"),
