@@ -27,7 +27,7 @@ from search.searcher import Budget, BudgetedOptunaSearch, CostCounter
 from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
 from search.trainable import CHECKPOINTS_KEPT, TrialSetup, run_trial, trial_resources, trial_retries
 from search.states import FULL_BUDGET_KEY
-from search.trial_runs import MlflowTrialLogger
+from search.trial_runs import MlflowTrialLogger, error_line
 from spaces import METRICS, MODES, enqueued_params, make_space, space_parameters
 from trainers.annotations import TrainingData
 from trainers.validate import DataError, load_training_data
@@ -171,7 +171,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
     failed = [r for r in results if r.error is not None]
     pruned = [r for r in results if r.error is None and (r.metrics or {}).get(FULL_BUDGET_KEY) != 1]
-    first_error = str(failed[0].error).strip().splitlines()[-1] if failed else searcher.exhausted
+    first_error = error_line(str(failed[0].error)) if failed else searcher.exhausted
     return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error,
                          feasible_share, len(pruned))
 

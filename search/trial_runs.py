@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -164,12 +165,23 @@ class MlflowTrialLogger(Callback):
 
 
 def error_summary(trial) -> str:
-    """The last line of a failed trial's error: the one line a person needs."""
+    """The one line of a failed trial's error a person needs (error_line)."""
     path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-    return ""
+    return error_line(Path(path).read_text()) if path and Path(path).exists() else ""
+
+
+# A line that begins an exception, "RuntimeError: ..." or "trainers.loop.OutOfMemory: ...", at the line's start.
+_EXCEPTION_START = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: \S")
+
+
+def error_line(text: str) -> str:
+    """The line of an error's text that says what went wrong: the last that begins an exception (a multi-worker
+    trial's error quotes its worker's after Train's own), else the last line. A message can go on over several
+    lines, and its last (torch's DDP error ends "In addition, you can set the environment variable ...") is not
+    the one that says what happened."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    starts = [line for line in lines if _EXCEPTION_START.match(line)]
+    return (starts or lines or [""])[-1]
 
 
 def trial_params(config: dict, num_classes: int | None = None, train_settings: dict | None = None) -> dict:

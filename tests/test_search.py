@@ -518,6 +518,48 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
             assert run.data.tags[STATE_TAG] == FAILED
 
 
+_MULTI_LINE = ("Expected to have finished reduction in the prior iteration before starting a new one.\n"
+               "Parameter indices which did not receive grad for rank 0: 92 93\n"
+               " In addition, you can set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or DETAIL")
+
+
+def _multi_line_failure(config, *, setup):
+    """Fails as torch's DDP does, with a message of three lines whose last says nothing of what happened."""
+    raise RuntimeError(_MULTI_LINE)
+
+
+def test_a_failed_trials_reason_is_the_line_that_says_what_happened(tmp_path, shapes, local_ray):
+    """The run's reason and the search's first error are the line that begins the exception, not its message's
+    last line."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import REASON_TAG
+
+    raw = _raw(shapes, "multi-line", search={"trials": 1}, train={"epochs": 1},
+               resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0})
+    outcome, _, _ = _search_with_instant_trials(tmp_path, raw, trainable=_multi_line_failure)
+    expected = "RuntimeError: Expected to have finished reduction in the prior iteration before starting a new one."
+    assert outcome.failed == 1 and outcome.first_error == expected
+    (run,) = _children(MlflowClient(empty_mlflow_store(tmp_path)), outcome)
+    assert run.data.tags[REASON_TAG] == expected
+
+
+def test_the_error_line_of_a_multi_worker_trial_is_its_workers():
+    """A TorchTrainer's error quotes its workers' after Train's own; the worker's is the one that says what
+    happened (the text as Ray 2.60 writes a 2-worker trial's error file, shortened)."""
+    from search.trial_runs import error_line
+
+    text = ("Failure # 1 (occurred at 2026-12-07_05-28-28)\n"
+            "  File \"/work/main/search/trainable.py\", line 173, in fit\n    trainer.fit()\n"
+            "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\n"
+            "  File \"/work/main/trainers/loop.py\", line 140, in fit\n"
+            f"RuntimeError: {_MULTI_LINE}\n")
+    assert error_line(text) == "RuntimeError: " + _MULTI_LINE.splitlines()[0]
+    assert error_line("trainers.loop.OutOfMemory: out of memory at batch_size 16\n") == \
+        "trainers.loop.OutOfMemory: out of memory at batch_size 16"
+    assert error_line("no exception here\nlast words\n") == "last words" and error_line("") == ""
+
+
 def test_a_composed_bifpn_and_training_search_trains_each_trial_with_its_own_settings(tmp_path, local_ray):
     """[bifpn, training] on real Ray, two real trials of 2 epochs. Each trains at its own proposed batch size and
     learning rate, not the job's: the 16 training images make 1 batch of 12 (12 images; the job's batch of 8 would
