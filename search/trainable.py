@@ -15,8 +15,11 @@ avoids that race.
 from __future__ import annotations
 
 import contextlib
+import logging
+import shutil
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import ray.train
@@ -27,7 +30,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from search.job import Job, ResourcesConfig
-from search.logged_model import save_model_folder
+from search.logged_model import MODEL_FOLDER, save_model_folder
 from search.states import FULL_BUDGET_KEY
 from spaces import check_budget
 from trainers.annotations import TrainingData
@@ -95,9 +98,15 @@ def run_trial(config: dict, *, setup: TrialSetup) -> None:
 
 def add_model_folder(metrics: dict, checkpoint_dir: str | None) -> None:
     """Before a trial's last report: its MLflow model folder into the checkpoint, saved here on the trial's own
-    cores rather than by the search's driver (search/logged_model.py)."""
+    cores rather than by the search's driver (search/logged_model.py). A save that fails leaves no folder, and
+    the report goes on: the driver then exports the model itself, and if that fails too, the run is recorded as
+    failed with the reason and keeps its metrics."""
     if checkpoint_dir and metrics.get(FULL_BUDGET_KEY) == 1:
-        save_model_folder(checkpoint_dir)
+        try:
+            save_model_folder(checkpoint_dir)
+        except Exception as err:  # noqa: BLE001 (any failure: the trial's metrics must still be reported)
+            shutil.rmtree(Path(checkpoint_dir) / MODEL_FOLDER, ignore_errors=True)
+            logging.getLogger(__name__).warning("saving the trial's model failed, the driver will try: %s", err)
 
 
 def trial_recipe(recipe: TrainConfig, config: dict) -> TrainConfig:

@@ -232,6 +232,23 @@ def test_a_model_folder_saved_in_the_trial_is_logged_as_it_is_and_one_missing_is
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_the_trial_cannot_save_leaves_no_folder_and_its_report_goes_on(store):
+    """A checkpoint whose weights do not load (cut off): the trial's save fails without raising, so its last
+    metrics are still reported, and no half-written folder is left for the driver to upload."""
+    from search.logged_model import MODEL_FOLDER
+    from search.trainable import add_model_folder
+    from trainers.checkpoint import RAW_WEIGHTS
+
+    spec = _spec()
+    checkpoint = store / "cut-off"
+    checkpoint.mkdir()
+    save_checkpoint(checkpoint, spec=spec, model=build_model(spec), ema_model=None, deploy="raw", state={"epoch": 1})
+    weights = checkpoint / RAW_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:1000])
+    add_model_folder({"full_budget": 1}, str(checkpoint))
+    assert not (checkpoint / MODEL_FOLDER).exists()
+
+
 def test_an_untrained_model_predicts_on_any_image_size(untrained, tmp_path, capsys):
     Image.new("RGB", (333, 171), (90, 120, 150)).save(tmp_path / "odd.jpg")
     out = tmp_path / "dets.json"
