@@ -197,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args) -> int:
     from search.demo import DEMO_PROMOTE_GFLOPS, demo_job
 
+    for flag, value in (("--trials", args.trials), ("--epochs", args.epochs)):
+        if value is not None and value < 1:
+            raise UsageError(f"demo {flag}: must be at least 1, got {value}")
     print(f"effsearch demo: writing the shapes dataset and job under {args.dir}")
     job_file, job = demo_job(args.dir, trials=args.trials, epochs=args.epochs, detector=args.detector)
     print(f"job file: {job_file}")
@@ -332,6 +335,8 @@ def _predict(args) -> int:
     from search.predict import predict
     from search.tracking import tracking_uri
 
+    if not 0 <= args.score_threshold <= 1:
+        raise UsageError(f"predict --score-threshold: a score lies in [0, 1], got {args.score_threshold:g}")
     mlflow.set_tracking_uri(tracking_uri())  # models:/ and runs:/ resolve against the effsearch store
     done = predict(args.model_uri, args.images, args.out, draw_dir=args.draw, score_threshold=args.score_threshold)
     drawn = f"; drawn copies in {done.drawn}" if done.drawn else ""
@@ -418,6 +423,9 @@ def _describe(args) -> int:
 def _make_shapes(args) -> int:
     from trainers.shapes import make_shapes
 
+    for flag, value in (("--train", args.train), ("--val", args.val)):
+        if value < 0:  # 0 is a split with no images: a set of fresh images to predict on, say
+            raise UsageError(f"make-shapes {flag}: must be 0 or more, got {value}")
     paths = make_shapes(args.dir, train_images=args.train, val_images=args.val, seed=args.seed)
     for split, p in paths.items():
         print(f"{split}: {p['annotations']}  images: {p['images']}")

@@ -77,8 +77,8 @@ def demo_job(folder: Path, *, trials: int | None = None, epochs: int | None = No
 
     job_file = prepare_demo(folder, detector=detector)
     job = load_job(job_file)
-    if trials:
+    if trials is not None:
         job = replace(job, search=replace(job.search, trials=trials))
-    if epochs:
+    if epochs is not None:
         job = replace(job, train=replace(job.train, epochs=epochs))
     return job_file, job

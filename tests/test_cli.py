@@ -73,6 +73,21 @@ def test_bad_input_is_answered_without_importing_torch(command, message, tmp_pat
     assert result.stderr.strip().startswith(f"effsearch: error: {message}")
 
 
+@pytest.mark.parametrize("command, message", [
+    (["demo", "--trials", "0"], "demo --trials: must be at least 1, got 0"),  # 0 ran the full demo, -1 never ended
+    (["demo", "--epochs", "-1"], "demo --epochs: must be at least 1, got -1"),
+    (["predict", "models:/x@production", ".", "--score-threshold", "2"],
+     "predict --score-threshold: a score lies in [0, 1], got 2"),
+    (["make-shapes", "shapes", "--train", "-1"], "make-shapes --train: must be 0 or more, got -1"),
+])
+def test_counts_and_scores_out_of_range_are_one_line_before_any_work(command, message, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    assert capsys.readouterr().err == f"effsearch: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_a_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):
     """An output folder under a file (or on a read-only mount): one line naming the path, exit 1, no traceback."""
     (tmp_path / "a-file").write_text("")
