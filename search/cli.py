@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -448,10 +449,34 @@ def _ui(args) -> int:
     # 5 s, and on a busy machine (a search beside it) the UI's workers then die and restart forever (seen here).
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    # In a process group of its own, so that stopping this command stops every process MLflow starts (uvicorn, its
+    # job runner and queue consumers): ending only `mlflow ui` left them serving on the port (seen here).
+    server = subprocess.Popen(command, start_new_session=True)
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to this process (main turns it into one)
+        _stop_group(server)
         return 0
+
+
+def _stop_group(leader: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to the leader's process group; after grace_s (or another Ctrl-C), SIGKILL to what is left of it."""
+    import time
+
+    try:
+        os.killpg(leader.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            os.killpg(leader.pid, 0)  # raises ProcessLookupError once no process of the group is left
+            leader.poll()  # reaps the leader, which otherwise stays in the group as a zombie
+            time.sleep(0.2)
+        os.killpg(leader.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
 
 
 def _check_port_free(host: str, port: int) -> None:

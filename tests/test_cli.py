@@ -1,4 +1,5 @@
 """The command line as a user meets it: help for every command, and `ui` serving the tracking store."""
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from search.cli import main
@@ -125,6 +127,7 @@ def test_ui_serves_the_tracking_store_on_loopback(tmp_path, mlflow_uri):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     server = subprocess.Popen([sys.executable, "-m", "search.cli", "ui", "--port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    started = []
     try:
         body, deadline = None, time.monotonic() + 90
         while time.monotonic() < deadline and body is None:
@@ -137,8 +140,19 @@ def test_ui_serves_the_tracking_store_on_loopback(tmp_path, mlflow_uri):
         assert "visible-in-ui" in {e["name"] for e in body["experiments"]}
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
         assert "<html" in page.lower()
+        started.extend(psutil.Process(server.pid).children(recursive=True))  # mlflow, uvicorn, its job runner...
+        assert started
+        # Stopped as a service manager stops it: SIGTERM to the command's own process, not to its group.
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # nothing listens there any more
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        for process in [*started, psutil.Process(server.pid)] if server.poll() is None else started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()  # only what this test started, should the command not have stopped it
         server.wait(timeout=30)
     # It prints each experiment's link, opening on the training runs (tests/test_browser.py follows one).
     experiment_id = MlflowClient(mlflow_uri).get_experiment_by_name("visible-in-ui").experiment_id
