@@ -67,11 +67,15 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 
 def close_open_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> int:
-    """End every child run of the search still RUNNING (an interrupted or crashed search) as `status`."""
+    """End every child run of the search still RUNNING (an interrupted or crashed search) as `status`, with the
+    reason a person reads in the UI."""
     open_runs = client.search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
         max_results=10_000)
+    reason = ("the search was stopped (Ctrl-C or SIGTERM) while it trained; --resume continues it"
+              if status == "KILLED" else "the search ended with an error while it trained")
     for run in open_runs:
         client.set_tag(run.info.run_id, STATE_TAG, FAILED)  # it did not finish, whatever stopped it
+        client.set_tag(run.info.run_id, REASON_TAG, reason)
         client.set_terminated(run.info.run_id, status)
     return len(open_runs)

@@ -13,7 +13,7 @@ from search.job import parse_job
 from search.promote import PRODUCTION, promote
 from search.searcher import REPEATS_ATTR
 from search.states import COMPLETE, FAILED, INFEASIBLE, STATE_TAG
-from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, MODEL_URI_TAG, PARENT_TAG
+from search.tracking import FRONTIER_TAG, FULL_BUDGET_TAG, MODEL_URI_TAG, PARENT_TAG, REASON_TAG
 
 # GFLOPs. With seed 1, the sampler's first random proposal costs 0.072 GFLOPs: over budget, so it never
 # becomes a trial.
@@ -176,6 +176,10 @@ def test_ctrl_c_exits_130_and_marks_the_runs_killed(tmp_path, one_batch, first):
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     assert children and all(r.info.status in ("KILLED", "FAILED") for r in children)
     assert all(r.data.tags[STATE_TAG] == FAILED for r in children)
+    # Each says why it did not finish: the interrupt (a trial that had failed before it, its own error).
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert killed and all(r.data.tags[REASON_TAG].startswith("the search was stopped (Ctrl-C or SIGTERM)")
+                          for r in killed)
 
 
 def test_the_local_ray_of_a_search_does_not_warn_about_its_worker_count(tmp_path):
@@ -532,8 +536,6 @@ def test_a_failed_trials_reason_is_the_line_that_says_what_happened(tmp_path, sh
     """The run's reason and the search's first error are the line that begins the exception, not its message's
     last line."""
     from mlflow.tracking import MlflowClient
-
-    from search.tracking import REASON_TAG
 
     raw = _raw(shapes, "multi-line", search={"trials": 1}, train={"epochs": 1},
                resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0})
