@@ -57,6 +57,8 @@ def predict(model_uri: str, inputs: list[str], out: Path, *, draw_dir: Path | No
             score_threshold: float = 0.3, device=None) -> Prediction:
     """Detect in every image (files, and image files in folders); write COCO results to `out`, drawn copies to draw_dir."""
     paths = image_paths(inputs)  # bad paths fail before the model loads, and before torch is imported
+    if draw_dir is not None and draw_dir.exists() and not draw_dir.is_dir():
+        raise PredictError(f"--draw {draw_dir}: not a folder (the boxed copies are written into one)")
     detector = load_detector(model_uri, device)
     from trainers.predict import coco_results, draw, read_image
 

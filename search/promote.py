@@ -106,6 +106,9 @@ def _checked_run(client, experiment, experiment_id, run_id, force):
     tags, label = run.data.tags, f"run {run_id} ({run.info.run_name})"
     if run.info.experiment_id != experiment_id:
         raise PromotionRefused(f"{label} is not a run of experiment {experiment!r}")
+    if PARENT_TAG not in tags:  # the search's own run, which holds the frontier: it trained nothing itself
+        raise PromotionRefused(f"{label} is a search's run, not a trial's; `effsearch frontier {experiment}` lists "
+                               f"the trials' run ids")
     state = tags.get(STATE_TAG)
     why = tags.get(REASON_TAG) or tags.get(ERROR_TAG)
     if run.info.status != "FINISHED" or state not in (COMPLETE, PRUNED):

@@ -289,6 +289,8 @@ def test_bad_inputs_are_one_line_naming_what_is_wrong(untrained, tmp_path, capsy
         ([model, tmp_path / "empty"], f"{tmp_path / 'empty'}: no image files"),
         ([model, tmp_path / "notes.png"], f"{tmp_path / 'notes.png'}: not a readable image"),
         ([f"runs:/{untrained['old']}/model", tmp_path / "ok.png"], "the model carries no categories.json"),
+        ([model, tmp_path / "ok.png", "--draw", tmp_path / "notes.png"],  # said "File exists", exit 1
+         f"--draw {tmp_path / 'notes.png'}: not a folder (the boxed copies are written into one)"),
     ]
     for args, message in cases:
         code, _, err = _predict(capsys, *args, "--out", tmp_path / "dets.json")

@@ -202,6 +202,8 @@ def test_a_run_off_the_frontier_needs_force_and_one_without_a_model_is_refused(s
     assert "has no logged model" in err
     err = _one_line_refusal(capsys, "promote", NAME, "--run-id", "0" * 32)
     assert f"no run {'0' * 32}" in err
+    err = _one_line_refusal(capsys, "promote", NAME, "--run-id", outcome.parent_run_id)
+    assert f"is a search's run, not a trial's; `effsearch frontier {NAME}` lists the trials' run ids" in err
 
 
 def test_a_version_carries_its_lineage(store):
