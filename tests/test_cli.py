@@ -147,8 +147,8 @@ def test_ui_serves_the_tracking_store_on_loopback(tmp_path, mlflow_uri):
         assert server.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", port))  # nothing listens there any more
+        with pytest.raises(ConnectionRefusedError):  # nothing listens there any more (a bind could still meet the
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()  # requests' sockets in TIME_WAIT)
     finally:
         for process in [*started, psutil.Process(server.pid)] if server.poll() is None else started:
             with contextlib.suppress(psutil.NoSuchProcess):
