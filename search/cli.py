@@ -222,7 +222,7 @@ def _search(args) -> int:
 
 
 def _run_and_report(job, address=None, **continuation):
-    from search.frontier import format_table
+    from search.frontier import counted, format_table
     from search.run import run_search
     from spaces import space_label
     from search.tracking import tracking_uri
@@ -232,14 +232,12 @@ def _run_and_report(job, address=None, **continuation):
           f"each")
     outcome = run_search(job, ray_address=address, **continuation)
     stopped = f" ({outcome.pruned} of them stopped early by the scheduler)" if outcome.pruned else ""
-    print(f"\n{outcome.finished} trials finished{stopped}, {outcome.failed} did not train. "
+    print(f"\n{counted(outcome.finished, 'trial')} finished{stopped}, {outcome.failed} did not train. "
           f"Frontier (parent run {outcome.parent_run_id}):")
-    print(format_table(outcome.frontier))
-    if outcome.finished == 0 and outcome.failed == 0:
-        raise SearchFailed(f"no trial started: {outcome.first_error or 'the searcher proposed nothing'}")
-    if outcome.finished == 0:  # the frontier may still hold an earlier search's trials
-        reason = f" (first failure: {outcome.first_error})" if outcome.first_error else ""
-        raise SearchFailed(f"no trial of {outcome.finished + outcome.failed} finished training{reason}")
+    print(format_table(outcome.frontier) if outcome.frontier else "(empty: no trial of this experiment has finished "
+          "training)")
+    if outcome.failure:  # no trial finished; the frontier may still hold an earlier search's trials
+        raise SearchFailed(outcome.failure)
     return outcome
 
 

@@ -51,7 +51,10 @@ class ProgressPrinter(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        self._say(f"{self._name(trial)} did not train: {_last_line(trial)} ({self.done}/{self.total_trials} done)")
+        # The traceback is the run's error.txt (search/trial_runs.py); Tune's driver-side copy is in /tmp.
+        has_traceback = bool(getattr(trial, "error_file", None))
+        self._say(f"{self._name(trial)} did not train: {_last_line(trial)} ({self.done}/{self.total_trials} done)"
+                  + ("; its traceback is error.txt in the trial's MLflow run" if has_traceback else ""))
 
 
 def _last_line(trial) -> str:

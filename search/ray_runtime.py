@@ -98,6 +98,11 @@ def start_ray(address: ClusterAddress | None) -> None:
     # on --resume, run a trial again that had already finished. Every 2 s narrows the window; a snapshot of
     # a search's state takes milliseconds.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune logs every failed trial's whole traceback (about 45 lines, most of them Ray's own frames) and then
+    # the list of trials that did not complete. The progress line says what went wrong and where the traceback
+    # is, and the trial's MLflow run holds it; TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's back.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_list)
     if ray.is_initialized():
         return
     # ray.init sets SIGTERM to sys.exit: a SIGTERM then killed the search by SIGABRT instead of ending it as Ctrl-C
@@ -109,6 +114,10 @@ def start_ray(address: ClusterAddress | None) -> None:
     finally:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _drop_incomplete_trials_list(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Trials did not complete")
 
 
 def _connect(address: ClusterAddress | None) -> None:

@@ -24,7 +24,8 @@ from search.progress import ProgressPrinter
 from search.ray_runtime import cluster_address, start_ray, trials_the_cluster_holds
 from search.scheduler import make_scheduler
 from search.searcher import Budget, BudgetedOptunaSearch, CostCounter
-from search.tracking import DEFAULT_STORE, WARM_START_TAG, close_open_runs, ensure_experiment, tracking_uri
+from search.tracking import (DEFAULT_STORE, REASON_TAG, WARM_START_TAG, close_open_runs, ensure_experiment,
+                             tracking_uri)
 from search.trainable import CHECKPOINTS_KEPT, TrialSetup, run_trial, trial_resources, trial_retries
 from search.states import FULL_BUDGET_KEY
 from search.trial_runs import MlflowTrialLogger, error_line
@@ -44,6 +45,7 @@ class SearchOutcome:
     # With search.max_gflops: the share of the sampler's proposals within budget, first and second half.
     feasible_share: tuple[float, float] | None = None
     pruned: int = 0  # of the finished trials, those the scheduler stopped early
+    failure: str = ""  # when no trial finished: why, in one line (the parent run's effsearch.reason)
 
 
 def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE,
@@ -82,7 +84,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     else:
         parent_id = client.create_run(experiment_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                       tags={"effsearch.kind": "search"}).info.run_id
-    status, children_status = "FAILED", "FAILED"
+    status, children_status, ended = "FAILED", "FAILED", False
     try:
         if record is None:
             params = [mlflow.entities.Param(key, str(value)) for key, value in _flat_params(job).items()]
@@ -154,7 +156,13 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         finally:
             with held_interrupts():
                 feasible_share = _record_proposals(client, parent_id, searcher, say)
-        status = "FINISHED"
+        ended = True
+        # A search in which no trial finished training has failed (the CLI exits 1): its parent run says so,
+        # with the reason, rather than FINISHED.
+        failure = "" if any(r.error is None for r in results) else _no_trial_finished(results, searcher)
+        status = "FAILED" if failure else "FINISHED"
+        if failure:
+            client.set_tag(parent_id, REASON_TAG, failure[:4000])
     finally:
         # Whatever happened, no run is left RUNNING: an interrupted or crashed search ends its open trial
         # runs too, the trials already recorded keep their frontier tags, and the parent is closed even if
@@ -166,14 +174,27 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                 frontier = record_frontier(client, experiment_id, parent_id, comparable, job.search.max_gflops)
             finally:
                 client.set_terminated(parent_id, status)
-                if status == "FINISHED":  # nothing left to resume
+                if ended:  # nothing left to resume
                     tune_path = record.tune_path if record else _join(storage_path, name)
                     save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
     failed = [r for r in results if r.error is not None]
     pruned = [r for r in results if r.error is None and (r.metrics or {}).get(FULL_BUDGET_KEY) != 1]
-    first_error = error_line(str(failed[0].error)) if failed else searcher.exhausted
+    first_error = _first_error(results, searcher)
     return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error,
-                         feasible_share, len(pruned))
+                         feasible_share, len(pruned), failure)
+
+
+def _first_error(results, searcher: BudgetedOptunaSearch) -> str | None:
+    failed = [r for r in results if r.error is not None]
+    return error_line(str(failed[0].error)) if failed else searcher.exhausted
+
+
+def _no_trial_finished(results, searcher: BudgetedOptunaSearch) -> str:
+    """The parent run's reason when no trial finished: the same words the CLI ends with."""
+    first_error = _first_error(results, searcher)
+    if len(results) == 0:
+        return f"no trial started: {first_error or 'the searcher proposed nothing'}"
+    return f"no trial of {len(results)} finished training" + (f" (first failure: {first_error})" if first_error else "")
 
 
 def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOptunaSearch,

@@ -160,6 +160,12 @@ class MlflowTrialLogger(Callback):
         if reason:
             self.client.set_tag(run_id, ERROR_TAG, reason[:4000])
             self.client.set_tag(run_id, REASON_TAG, reason[:4000])
+        path = getattr(trial, "error_file", None)
+        if path and Path(path).is_file():
+            try:  # the whole traceback, beside the run; the console has only its one line
+                self.client.log_artifact(run_id, path)
+            except Exception:  # noqa: BLE001 - the run's state and reason matter more than its traceback
+                pass
         self.client.set_tag(run_id, STATE_TAG, FAILED)
         self.client.set_terminated(run_id, "FAILED")
 

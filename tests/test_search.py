@@ -1,6 +1,7 @@
 """A real search: local Ray, Tune trials proposed by OptunaSearch, recorded in a temporary MLflow store."""
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import ray
@@ -501,8 +502,16 @@ def test_promote_refuses_an_impossible_budget(searched):
         promote(client, job.name, max_gflops=0.001)
 
 
-def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes, local_ray):
-    """...and a search in which no trial finished says so: the CLI exits 1 with one line (see below)."""
+def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes, monkeypatch, capfd,
+                                                                        local_ray):
+    """...and a search in which no trial finished says so: the CLI exits 1 with one line, each failure is one
+    progress line (no Ray traceback on the console), the traceback is the run's error.txt, and the parent run
+    is FAILED with the reason."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from search.cli import main
+
     raw = {
         "name": "diverging",
         "data": {"train": shapes["train"], "val": shapes["val"]},
@@ -511,15 +520,33 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e+12, "warmup_epochs": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
     }
-    with searched_store(tmp_path, raw) as (outcome, client):
-        children = _children(client, outcome)
-        assert outcome.failed == 2 and outcome.finished == 0 and outcome.frontier == []
-        assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
-        assert len(children) == 2
-        for run in children:
-            assert run.info.status == "FAILED"
-            assert re.search(r"loss became non-finite at epoch 1 step \d+", run.data.tags["effsearch.error"])
-            assert run.data.tags[STATE_TAG] == FAILED
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    capfd.readouterr()
+    assert main(["search", str(job)]) == 1
+    out, err = capfd.readouterr()  # the file descriptors: Ray's log handler writes to the stderr it found
+    reason = re.compile(r"loss became non-finite at epoch 1 step \d+")
+    assert "Traceback" not in out + err and "Trials did not complete" not in out + err, out + err
+    failures = [line for line in out.splitlines() if " did not train: " in line]
+    assert len(failures) == 2 and all(reason.search(line) and "error.txt" in line for line in failures), out
+    assert "(empty: no trial of this experiment has finished training)" in out
+    assert err.strip().count("\n") == 0 and err.startswith("effsearch: error: no trial of 2 finished training "
+                                                            "(first failure: trainers.loop.NonFiniteLoss: "), err
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("diverging")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`effsearch.kind` = 'search'")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[REASON_TAG] == err.strip().removeprefix("effsearch: error: ")
+    children = client.search_runs([experiment.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for run in children:
+        assert run.info.status == "FAILED" and run.data.tags[STATE_TAG] == FAILED
+        assert reason.search(run.data.tags["effsearch.error"])
+        traceback = Path(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))).read_text()
+        assert "in _raise_if_nonfinite" in traceback and reason.search(traceback)  # the frames, where it failed
 
 
 _MULTI_LINE = ("Expected to have finished reduction in the prior iteration before starting a new one.\n"
@@ -641,6 +668,12 @@ def test_a_search_whose_budget_nothing_meets_exits_1_with_one_line(tmp_path, sha
     assert "\n" not in err, err
     assert err.startswith("effsearch: error: no trial started: all of the space's parameter sets (9) were over "
                           "the budget (search.max_gflops 0.001) or already trained (the cheapest 0.045 GFLOPs)")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("nothing-fits")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`effsearch.kind` = 'search'")
+    assert parent.info.status == "FAILED" and parent.data.tags[REASON_TAG] == err.removeprefix("effsearch: error: ")
 
 
 def test_an_over_budget_proposal_never_starts_a_trial(tmp_path, shapes, local_ray):
