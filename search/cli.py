@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from trainers.errors import InputError
+from trainers.words import counted
 
 # Nothing may be fetched at run time: no hub look-ups from timm or huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -222,7 +223,7 @@ def _search(args) -> int:
 
 
 def _run_and_report(job, address=None, **continuation):
-    from search.frontier import counted, format_table
+    from search.frontier import format_table
     from search.run import run_search
     from spaces import space_label
     from search.tracking import tracking_uri
@@ -339,8 +340,11 @@ def _predict(args) -> int:
     mlflow.set_tracking_uri(tracking_uri())  # models:/ and runs:/ resolve against the effsearch store
     done = predict(args.model_uri, args.images, args.out, draw_dir=args.draw, score_threshold=args.score_threshold)
     drawn = f"; drawn copies in {done.drawn}" if done.drawn else ""
-    print(f"{done.detections} detections in {done.images} images (score >= {args.score_threshold:g}) "
+    print(f"{counted(done.detections, 'detection')} in {counted(done.images, 'image')} "
+          f"(score >= {args.score_threshold:g}) "
           f"written to {done.out}{drawn}")
+    for note in done.skipped:
+        print(f"not read (predict reads the image files directly in a folder): {note}")
     return 0
 
 
@@ -372,9 +376,9 @@ def _gc(args) -> int:
               f"{run.model_uri}")
     if args.delete:
         delete_models(client, runs)
-        print(f"deleted {len(runs)} models; the runs, their metrics and params stay")
+        print(f"deleted {counted(len(runs), 'model')}; the runs, their metrics and params stay")
     else:
-        print(f"{len(runs)} models of runs off the frontier and never registered"
+        print(f"{counted(len(runs), 'model')} of runs off the frontier and never registered"
               + ("; run again with --delete to delete them" if runs else ""))
     return 0
 

@@ -13,6 +13,7 @@ from search.pareto import hypervolume, pareto_front
 from search.states import COMPLETE, STATE_TAG
 from search.tracking import ENQUEUED_TAG, ERROR_TAG, FRONTIER_TAG, PARENT_TAG, REASON_TAG
 from trainers.errors import InputError
+from trainers.words import counted
 
 SEARCH_KIND_FILTER = "tags.`effsearch.kind` = 'search'"
 
@@ -102,11 +103,6 @@ class ExperimentFrontier:
             text += (f"; {counted(self.left_out, 'complete run')} of other data or epoch budgets "
                      f"{'is' if self.left_out == 1 else 'are'} not compared")
         return text
-
-
-def counted(n: int, noun: str) -> str:
-    """n of a noun, in words: 1 search, 3 searches."""
-    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def latest_comparable(client: MlflowClient, experiment_id: str) -> Comparable | None:

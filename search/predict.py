@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainers.errors import PredictError
+from trainers.words import counted
 
 EXTRA_FILES = "extra_files"  # where mlflow.pytorch.log_model puts extra_files inside the model
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -17,6 +18,8 @@ class Prediction:
     detections: int
     out: Path
     drawn: Path | None
+    # What the given folders held besides image files, which predict does not read: "3 subfolders in DIR".
+    skipped: tuple[str, ...] = ()
 
 
 def load_detector(model_uri: str, device=None):
@@ -56,7 +59,7 @@ def load_detector(model_uri: str, device=None):
 def predict(model_uri: str, inputs: list[str], out: Path, *, draw_dir: Path | None = None,
             score_threshold: float = 0.3, device=None) -> Prediction:
     """Detect in every image (files, and image files in folders); write COCO results to `out`, drawn copies to draw_dir."""
-    paths = image_paths(inputs)  # bad paths fail before the model loads, and before torch is imported
+    paths, skipped = image_paths(inputs)  # bad paths fail before the model loads, and before torch is imported
     if draw_dir is not None and draw_dir.exists() and not draw_dir.is_dir():
         raise PredictError(f"--draw {draw_dir}: not a folder (the boxed copies are written into one)")
     detector = load_detector(model_uri, device)
@@ -77,7 +80,7 @@ def predict(model_uri: str, inputs: list[str], out: Path, *, draw_dir: Path | No
                 draw(image, found, detector.names).save(draw_dir / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records))
-    return Prediction(len(paths), len(records), out, draw_dir)
+    return Prediction(len(paths), len(records), out, draw_dir, skipped)
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -95,17 +98,27 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def image_paths(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, and the image files (by suffix) directly inside each folder, in name order."""
-    paths = []
+def image_paths(inputs: list[str | Path]) -> tuple[list[Path], tuple[str, ...]]:
+    """Files as given, and the image files (by suffix) directly inside each folder, in name order; and, per
+    folder, what it holds that is not read. Subfolders are not searched: a folder of outputs (--draw) inside
+    the input folder would otherwise be read as input on the next run."""
+    paths, skipped = [], []
     for given in map(Path, inputs):
         if given.is_dir():
-            found = sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = list(given.iterdir())
+            found = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            folders = sum(p.is_dir() for p in entries)
+            others = len(entries) - len(found) - folders
+            left = [counted(n, noun) for n, noun in ((folders, "subfolder"), (others, "other file")) if n]
             if not found:
-                raise PredictError(f"{given}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                raise PredictError(f"{given}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                                   + (f"; it holds {' and '.join(left)}, and subfolders are not searched"
+                                      if left else ""))
+            if left:
+                skipped.append(f"{' and '.join(left)} in {given}")
             paths.extend(found)
         elif given.is_file():
             paths.append(given)
         else:
             raise PredictError(f"{given}: no such image file or folder")
-    return paths
+    return paths, tuple(skipped)

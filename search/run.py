@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
-from search.frontier import TrialPoint, counted, record_frontier
+from search.frontier import TrialPoint, record_frontier
 from search.interrupts import held_interrupts
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
 from search.lineage import SPLIT_HASH_TAG, Comparable, split_hashes, training_key
@@ -31,6 +31,7 @@ from search.states import FULL_BUDGET_KEY
 from search.trial_runs import MlflowTrialLogger, error_line
 from spaces import METRICS, MODES, enqueued_params, make_space, space_parameters
 from trainers.annotations import TrainingData
+from trainers.words import counted
 from trainers.validate import DataError, load_training_data
 
 

@@ -249,6 +249,20 @@ def test_a_model_the_trial_cannot_save_leaves_no_folder_and_its_report_goes_on(s
     assert not (checkpoint / MODEL_FOLDER).exists()
 
 
+def test_predict_says_what_a_folder_held_that_it_did_not_read(untrained, tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "more").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / "one.png")
+    Image.new("RGB", (64, 64)).save(folder / "more" / "two.png")
+    (folder / "labels.txt").write_text("not an image")
+    code, stdout, err = _predict(capsys, f"runs:/{untrained['current']}/model", folder, "--out", tmp_path / "d.json",
+                                 "--score-threshold", "1")
+    assert code == 0, err
+    assert stdout.startswith("0 detections in 1 image (score >= 1) written to "), stdout
+    assert stdout.splitlines()[-1] == ("not read (predict reads the image files directly in a folder): 1 subfolder "
+                                       f"and 1 other file in {folder}")
+
+
 def test_an_untrained_model_predicts_on_any_image_size(untrained, tmp_path, capsys):
     Image.new("RGB", (333, 171), (90, 120, 150)).save(tmp_path / "odd.jpg")
     out = tmp_path / "dets.json"
@@ -256,7 +270,7 @@ def test_an_untrained_model_predicts_on_any_image_size(untrained, tmp_path, caps
                                  "--score-threshold", "0")
     assert code == 0, err
     detections = json.loads(out.read_text())
-    assert stdout.startswith(f"{len(detections)} detections in 1 images")
+    assert stdout.startswith(f"{len(detections)} detections in 1 image ")
     assert detections and {d["category_id"] for d in detections} <= SHAPE_IDS
     for d in detections:  # clipped to the image itself, not to the letterboxed square
         x, y, w, h = d["bbox"]
@@ -279,6 +293,8 @@ def test_the_graph_moves_to_another_device(untrained):
 
 def test_bad_inputs_are_one_line_naming_what_is_wrong(untrained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "nested" / "inner").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "nested" / "inner" / "deep.png")
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     model = f"runs:/{untrained['current']}/model"
@@ -287,6 +303,9 @@ def test_bad_inputs_are_one_line_naming_what_is_wrong(untrained, tmp_path, capsy
         ([tmp_path / "no-such-folder", tmp_path / "ok.png"], "no-such-folder: cannot load an MLflow model"),
         ([model, tmp_path / "missing.jpg"], f"{tmp_path / 'missing.jpg'}: no such image file or folder"),
         ([model, tmp_path / "empty"], f"{tmp_path / 'empty'}: no image files"),
+        ([model, tmp_path / "nested"], f"{tmp_path / 'nested'}: no image files (.jpg, .jpeg, .png, .bmp, .gif, .tif, "
+                                       ".tiff, .webp) in this folder; it holds 1 subfolder, and subfolders are not "
+                                       "searched"),
         ([model, tmp_path / "notes.png"], f"{tmp_path / 'notes.png'}: not a readable image"),
         ([f"runs:/{untrained['old']}/model", tmp_path / "ok.png"], "the model carries no categories.json"),
         ([model, tmp_path / "ok.png", "--draw", tmp_path / "notes.png"],  # said "File exists", exit 1

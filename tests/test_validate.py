@@ -36,7 +36,7 @@ def test_clean_dataset_reports_counts(tmp_path):
     report = validate_split(path, tmp_path)
     assert (report.images, report.annotations, report.crowd) == (2, 2, 1)
     assert report.images_without_annotations == 1 and report.degenerate_ids == (12,)
-    assert "dropped 1 degenerate boxes (annotation ids 12)" in report.summary()
+    assert "1 image without annotations; dropped 1 degenerate box (annotation ids 12)" in report.summary()
 
 
 def test_shapes_dataset_is_clean(shapes):
@@ -179,7 +179,7 @@ def test_check_modes(tmp_path):
     blob = (tmp_path / "a.png").read_bytes()
     (tmp_path / "a.png").write_bytes(blob[: len(blob) // 2])
     index, report = index_split(path, tmp_path, check="headers")  # a header read does not see truncation
-    assert not index.images_checked and "read the headers of 1 of 1 images" in report.summary()
+    assert not index.images_checked and "read the headers of 1 of 1 image in" in report.summary()
     with pytest.raises(DataError, match="is unreadable"):
         index_split(path, tmp_path, check="sample")  # a sample of one image is the whole split
     with pytest.raises(DataError, match=r"^data.check: must be one of full, headers, sample, got 'some'$"):

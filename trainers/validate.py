@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from trainers.annotations import SplitIndex, TrainingData, degenerate
 from trainers.errors import InputError
+from trainers.words import counted
 
 CHECK_MODES = ("full", "headers", "sample")
 SAMPLE_SIZE = 500  # images decoded in full by data.check: sample
@@ -43,13 +44,13 @@ class DataReport:
     untrained_category_ids: tuple[int, ...] = ()  # val only: categories scored here with no box in train
 
     def summary(self) -> str:
-        text = (f"{self.annotation_file}: {self.images} images, {self.annotations} boxes "
-                f"({self.crowd} crowd), {self.images_without_annotations} images without annotations")
+        text = (f"{self.annotation_file}: {counted(self.images, 'image')}, {counted(self.annotations, 'box')} "
+                f"({self.crowd} crowd), {counted(self.images_without_annotations, 'image')} without annotations")
         if self.clipped:
-            text += f"; clipped {self.clipped} boxes to their image"
+            text += f"; clipped {counted(self.clipped, 'box')} to their image"
         if self.degenerate_ids:
             shown = ", ".join(map(str, self.degenerate_ids[:10])) + (" ..." if len(self.degenerate_ids) > 10 else "")
-            text += f"; dropped {len(self.degenerate_ids)} degenerate boxes (annotation ids {shown})"
+            text += f"; dropped {counted(len(self.degenerate_ids), 'degenerate box')} (annotation ids {shown})"
         if self.untrained_category_ids:
             text += (f"; categories {list(self.untrained_category_ids)} have boxes here but none to train on: AP "
                      f"averages over classes the model cannot learn")
@@ -246,7 +247,7 @@ def check_images(index: SplitIndex, mode: str, *, say: Callable[[str], None] | N
                 last = time.monotonic()
                 say(f"checking images of {Path(index.annotation_file).name}: {done}/{len(positions)}")
     what = {"full": "decoded", "headers": "read the headers of", "sample": "decoded a sample of"}[mode]
-    return f"{what} {len(positions)} of {len(index)} images in {time.monotonic() - started:.1f} s"
+    return f"{what} {len(positions)} of {counted(len(index), 'image')} in {time.monotonic() - started:.1f} s"
 
 
 def _check_image(index: SplitIndex, i: int, decode: bool) -> None:
