@@ -201,6 +201,30 @@ def test_ddp_looks_for_unused_parameters_exactly_where_a_step_leaves_some_withou
     assert ddp_options(plan.spec).get("find_unused_parameters", False) == bool(unused), unused
 
 
+def test_ranks_draw_different_drop_path_masks_and_a_resumed_epoch_draws_the_same(shapes):
+    """The model's own stochastic depth (timm's drop_path, rate 0.2), in training mode, on one input: after the
+    seeding of the loop's epoch, rank 0 and rank 1 drop different paths, the same rank and epoch drop the same
+    ones again (a resume), and one worker's generator is left as it was (its checkpoint restores that)."""
+    from trainers.loop import build_modules, seed_ranks_apart
+
+    torch.manual_seed(0)
+    model = build_modules(_plan(shapes, TrainConfig(ema=False), SPEC.replace(drop_path_rate=0.2)),
+                          torch.device("cpu"), world_size=1).model.train()
+    image = torch.rand(4, 3, SPEC.image_size, SPEC.image_size)
+
+    def features(rank: int, epoch: int) -> torch.Tensor:
+        seed_ranks_apart(0, rank, 2, epoch)
+        with torch.no_grad():
+            return model.backbone(image)[-1]
+
+    rank0, rank1, rank0_again = features(0, 3), features(1, 3), features(0, 3)
+    assert not torch.equal(rank0, rank1)
+    assert torch.equal(rank0, rank0_again) and not torch.equal(rank0, features(0, 4))
+    state = torch.get_rng_state()
+    seed_ranks_apart(0, 0, 1, 3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_sgd_and_linear_lr_scaling():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01, batch_size=8, lr_batch=16), 4)

@@ -124,6 +124,7 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
     metrics: dict = {}
     for epoch in range(first_epoch, recipe.epochs + 1):
         sampler.set_epoch(epoch)
+        seed_ranks_apart(recipe.seed, rank, world_size, epoch)
         shard_overlap = _shard_overlap(list(sampler.sampler), world_size)
         bench.train()
         start, seen, step = time.perf_counter(), 0, 0
@@ -188,6 +189,17 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
                 categories=categories_of(plan.data.train))
             report(metrics, folder)
     return metrics
+
+
+def seed_ranks_apart(seed: int, rank: int, world_size: int, epoch: int) -> None:
+    """Seeds torch's generators for this rank's epoch when there are several ranks. Every rank builds the same
+    model from recipe.seed (each EMA copies its own model before DDP syncs them, so they must start equal), and
+    a checkpoint holds rank 0's random state only. Left there, every rank would draw the same drop-path masks
+    (timm draws them from torch's global generator), and after a resume would draw rank 0's. Seeded by
+    (seed, rank, epoch), the ranks draw apart, and a resumed epoch draws what it would have. One worker keeps the
+    generator it had, and a checkpoint restores it."""
+    if world_size > 1:
+        torch.manual_seed(hash((seed, rank, epoch)) % 2**63)  # a tuple of ints hashes the same in every process
 
 
 def _raise_if_nonfinite(first_bad_step: torch.Tensor, epoch: int) -> None:
