@@ -49,12 +49,13 @@ class MlflowTrialLogger(Callback):
         self.parent_run_id = parent_run_id
         self.total_epochs = total_epochs
         self.run_ids: dict[str, str] = {}  # Tune trial id -> its run
+        self.last_epochs: dict[str, int] = {}  # run -> the last epoch whose metrics it holds
         self._read = False
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment, and a resumed search (--resume) unpickles this logger
         # from then: it must read the runs again, or every trial recorded since would get a second run.
-        return {**self.__dict__, "run_ids": {}, "_read": False}
+        return {**self.__dict__, "run_ids": {}, "last_epochs": {}, "_read": False}
 
     def _read_runs(self) -> None:
         """The runs this search has recorded, read once (not queried at every trial start): a trial recorded
@@ -86,7 +87,15 @@ class MlflowTrialLogger(Callback):
                                          tags=tags)
             self.client.log_batch(run.info.run_id, params=self._params(trial.config))
             self.run_ids[trial.trial_id] = run.info.run_id
+            self.last_epochs[run.info.run_id] = 0
         return self.run_ids[trial.trial_id]
+
+    def _last_epoch(self, run_id: str) -> int:
+        """The last epoch the run holds metrics for; read from MLflow once for a run recorded before a resume."""
+        if run_id not in self.last_epochs:
+            self.last_epochs[run_id] = max((m.step for m in self.client.get_metric_history(run_id, "epoch_s")),
+                                           default=0)
+        return self.last_epochs[run_id]
 
     def _params(self, config: dict) -> list[mlflow.entities.Param]:
         return [mlflow.entities.Param(key, str(value))
@@ -117,10 +126,17 @@ class MlflowTrialLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        # A trial restarted from its last checkpoint (a retry, or a --resume after the driver died between an
+        # epoch's report and Tune's next snapshot) reports the epochs after that checkpoint again. The loop's
+        # epochs are seeded (trainers/loop.py), so a repeat measures what the run holds; a second point at the
+        # same step would only draw the curve back on itself.
+        if step <= self._last_epoch(run_id):
+            return
         now = int(time.time() * 1000)
         metrics = [mlflow.entities.Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS if k in result]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        self.last_epochs[run_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

@@ -203,3 +203,53 @@ def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, sh
     said = capsys.readouterr().out.splitlines()[0]
     assert said == (f"budgets: compared 2 complete runs of 2 searches (data {found.among.data_hash}, 1 epochs); "
                     "1 complete run of other data or epoch budgets is not compared"), said
+
+
+def _crashes_once_after_an_unsaved_epoch(config, *, setup):
+    """Epoch 1 with a checkpoint, epoch 2 without one, then a crash; Tune's retry resumes from epoch 1 and
+    reports epochs 2 and 3, so epoch 2 is reported twice (its loss differs, to tell the attempts apart)."""
+    import tempfile
+    from pathlib import Path
+
+    from ray import tune
+
+    retried = tune.get_checkpoint() is not None
+    for epoch in range(2 if retried else 1, 4):
+        metrics = {"epoch": epoch, "loss": epoch + (0.5 if retried else 0.0), "epoch_s": 1.0, "gflops": 0.05}
+        if epoch == 1:
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "epoch").write_text("1")
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+        if epoch == 2 and not retried:
+            raise RuntimeError("the worker was lost")
+
+
+def test_an_epoch_reported_again_after_a_restart_is_recorded_once(tmp_path, shapes, monkeypatch, local_ray):
+    """A trial restarted from an earlier checkpoint reports some epochs again: each epoch stays one point of the
+    run's curves, the first attempt's."""
+    import sys
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from search.job import parse_job
+    from search.run import run_search
+
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    raw = {"name": "restarted", "data": {"train": shapes["train"], "val": shapes["val"]},
+           "search": {"space": "lite_cpu", "trials": 1, "scheduler": "fifo"}, "train": {"epochs": 3},
+           "resources": {"cpus_per_worker": 1, "max_failures": 1}}
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
+    try:
+        outcome = run_search(parse_job(raw), store=tmp_path / "store", say=lambda _: None,
+                             trainable=_crashes_once_after_an_unsaved_epoch)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([outcome.experiment_id], f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert outcome.failed == 0
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.5)]
