@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def _search(args) -> int:
 
     job = load_job(args.job)
     outcome = _run_and_report(job, args.address, resume=args.resume, warm_start_from=args.warm_start)
-    print(f"next: effsearch frontier {job.name}   |   effsearch promote {job.name} --max-gflops X")
+    name = shlex.quote(job.name)  # a name with spaces is one word in the shell
+    print(f"next: effsearch frontier {name}   |   effsearch promote {name} --max-gflops X")
     _ui_hint(outcome.experiment_id)
     return 0
 
@@ -229,8 +231,8 @@ def _run_and_report(job, address=None, **continuation):
     from search.tracking import tracking_uri
 
     print(f"tracking store: {tracking_uri()}  experiment: {job.name}")
-    print(f"searching {job.search.trials} trials of space {space_label(job.search.space)}, {job.train.epochs} epochs "
-          f"each")
+    print(f"searching {counted(job.search.trials, 'trial')} of space {space_label(job.search.space)}, "
+          f"{counted(job.train.epochs, 'epoch')} each")
     outcome = run_search(job, ray_address=address, **continuation)
     stopped = f" ({outcome.pruned} of them stopped early by the scheduler)" if outcome.pruned else ""
     print(f"\n{counted(outcome.finished, 'trial')} finished{stopped}, {outcome.failed} did not train. "
@@ -395,8 +397,10 @@ def _describe(args) -> int:
             raise UsageError(f"{args.model}: neither a preset ({', '.join(PRESETS)}) nor a spec file")
         import yaml
 
+        from search.job_yaml import read_yaml
+
         try:
-            raw = yaml.safe_load(path.read_text())  # JSON is YAML too
+            raw = read_yaml(path.read_text())  # JSON is YAML too
         except yaml.YAMLError as err:
             raise UsageError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
         spec = ModelSpec.from_dict(raw, where=str(path))

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import yaml
 
 from search.job import STORAGE_VARIABLE, Job, load_job
+from search.job_yaml import read_yaml
 from search.ray_runtime import ADDRESS_VARIABLE, RayUnreachable, check_reachable
 from search.tracking import STORE_VARIABLE
 from trainers.errors import InputError
@@ -108,7 +109,7 @@ def submit(job_file: Path, address: str, *, tracking_uri: str | None, store: str
 
 def _job_for_cluster(job_file: Path, job: Job) -> dict:
     """The user's job file with its paths absolute, as they were checked on the cluster."""
-    raw = yaml.safe_load(job_file.read_text())
+    raw = read_yaml(job_file.read_text())  # as load_job read it: `amp: off` stays the string
     for split in ("train", "val"):
         raw["data"][split] = {"annotations": getattr(job.data, split).annotations,
                               "images": getattr(job.data, split).images}

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from search.job_yaml import read_yaml
 from spaces import enqueued_params, fixed_value_problems, make_space, space_names
 from trainers.errors import InputError
 from trainers.recipe import TrainConfig
@@ -107,7 +108,7 @@ def load_job(path: str | Path, *, paths_here: bool = True) -> Job:
     if not path.is_file():
         raise JobError(f"{path}: job file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -133,6 +134,17 @@ def parse_job(raw: Any, *, source: str = "job", base_dir: Path | str = ".", path
                            paths_here)
         job = replace(job, model=replace(job.model, backbone_weights=weights))
     return job
+
+
+def model_name_problems(key: str, name: str, fix: str = "") -> list[str]:
+    """Why `name` cannot be a registered model's name (MLflow refuses '/' and ':'): a job is checked before its
+    search, not at the promotion after it."""
+    if not any(c in name for c in "/:"):
+        return []
+    if key == "job.name":
+        fix = "; set job.model_name to one without them"
+    return [f"{key}: {name!r} is the registered model's name, and MLflow's model names cannot contain '/' or ':'"
+            f"{fix}"]
 
 
 def _check_values(job: Job, source: str) -> None:
@@ -190,6 +202,8 @@ def _check_values(job: Job, source: str) -> None:
                         f"for {gpus} GPUs a trial, set workers_per_trial: {gpus}")
     if not job.name.strip():
         problems.append("job.name: must not be empty")
+    problems.extend(model_name_problems(*(("job.model_name", job.model_name) if job.model_name else
+                                          ("job.name", job.name))))
     if job.data.check not in CHECK_MODES:
         problems.append(f"job.data.check: must be one of {', '.join(CHECK_MODES)}, got {job.data.check!r}")
     if job.data.cache_gib < 0:

@@ -9,6 +9,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.frontier import FrontierError, experiment_frontier, experiment_id_for
+from search.job import model_name_problems
 from search.lineage import DATA_HASH_TAG, EPOCHS_TAG, SPLIT_HASH_TAG
 from search.states import COMPLETE, PRUNED, STATE_TAG
 from search.tracking import ERROR_TAG, FRONTIER_TAG, MODEL_URI_TAG, PARENT_TAG, REASON_TAG
@@ -43,6 +44,9 @@ def promote(client: MlflowClient, experiment: str, *, max_gflops: float | None =
             model_name: str | None = None) -> Promotion:
     """The best-AP run on the experiment's frontier within the budgets, or `run_id`, as the production version of
     `model_name` (the experiment's name by default). Running it again for the same run changes nothing."""
+    for problem in model_name_problems(*(("promote --model-name", model_name) if model_name else
+                                         ("promote EXPERIMENT", experiment, "; give --model-name"))):
+        raise PromotionRefused(problem)
     experiment_id = experiment_id_for(client, experiment)
     if run_id:
         run = _checked_run(client, experiment, experiment_id, run_id, force)

@@ -85,6 +85,8 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
      "job.search.enqueue[1].batch_size: 12 is not one of the bifpn + training space's values (one of 8, 16, 32)"),
     ({"search": ["space: {bifpn: 1}"]}, "job.search.space: must be a string"),
     ({"search": ["max_concurrent_trials: 0"]}, "job.search.max_concurrent_trials: must be >= 1"),
+    ({"search": ["trials: 1"], "train": ["epochs: 1"], "search ": ["trials: 2"]},
+     "malformed YAML at line 9 column 1: key 'search' appears twice (lines 5 and 9)"),
 ])
 def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     path = tmp_path / "job.yaml"
@@ -92,6 +94,31 @@ def test_bad_values_name_the_key(tmp_path, shapes, extra, message):
     with pytest.raises(JobError) as err:
         load_job(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name, model_name, message", [
+    ("team/det", None, "job.name: 'team/det' is the registered model's name, and MLflow's model names cannot "
+                       "contain '/' or ':'; set job.model_name to one without them"),
+    ("team/det", "team-det", None),
+    ("det", "v1:x", "job.model_name: 'v1:x' is the registered model's name, and MLflow's model names cannot"),
+])
+def test_a_name_mlflow_cannot_register_is_refused_before_the_search(tmp_path, shapes, name, model_name, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes).replace("name: t\n", f"name: {name}\n")
+                    + (f"model_name: '{model_name}'\n" if model_name else ""))
+    if message is None:
+        assert load_job(path).registered_model_name == model_name
+        return
+    with pytest.raises(JobError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_job(path)
+
+
+def test_yaml_1_2_scalars_read_as_the_readme_writes_them(tmp_path, shapes):
+    """PyYAML's YAML 1.1 read `amp: off` as False and `lr: 1e-3` as a string, and refused both."""
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_text(shapes, train=["amp: off", "lr: 1e-3", "ema: true"]))
+    job = load_job(path)
+    assert job.train.amp == "off" and job.train.lr == 0.001 and job.train.ema is True
 
 
 def test_storage_path_takes_a_shared_folder_or_a_uri_and_the_job_wins_over_the_environment(tmp_path, shapes,

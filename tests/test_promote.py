@@ -264,3 +264,18 @@ def test_gc_lists_then_deletes_only_unregistered_models_off_the_frontier(store, 
         assert mlflow.pytorch.load_model(f"models:/{name}@{PRODUCTION}") is not None
     with pytest.raises(PromotionRefused):
         rollback(client, "no-such-model")
+
+
+def test_a_model_name_mlflow_cannot_register_is_refused_in_one_line(tmp_path):
+    """MLflow's own refusal came as a 40-line traceback, after the choice of run."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import empty_mlflow_store
+    from search.promote import PromotionRefused, promote
+
+    client = MlflowClient(empty_mlflow_store(tmp_path))
+    with pytest.raises(PromotionRefused, match=r"^promote --model-name: 'bad/name' is the registered model's name, "
+                                               r"and MLflow's model names cannot contain '/' or ':'$"):
+        promote(client, "anything", max_gflops=1.0, model_name="bad/name")
+    with pytest.raises(PromotionRefused, match=r"^promote EXPERIMENT: 'team:x' is .*; give --model-name$"):
+        promote(client, "team:x", max_gflops=1.0)
