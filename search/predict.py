@@ -62,6 +62,10 @@ def predict(model_uri: str, inputs: list[str], out: Path, *, draw_dir: Path | No
     paths, skipped = image_paths(inputs)  # bad paths fail before the model loads, and before torch is imported
     if draw_dir is not None and draw_dir.exists() and not draw_dir.is_dir():
         raise PredictError(f"--draw {draw_dir}: not a folder (the boxed copies are written into one)")
+    if draw_dir is not None and any(p.parent.resolve() == draw_dir.resolve() for p in paths):
+        # A copy is named for its image: drawn into the image's own folder, it would replace the original.
+        raise PredictError(f"--draw {draw_dir}: holds images given to predict, which the boxed copies would "
+                           "overwrite; name another folder")
     detector = load_detector(model_uri, device)
     from trainers.predict import coco_results, draw, read_image
 

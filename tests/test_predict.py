@@ -310,6 +310,8 @@ def test_bad_inputs_are_one_line_naming_what_is_wrong(untrained, tmp_path, capsy
         ([f"runs:/{untrained['old']}/model", tmp_path / "ok.png"], "the model carries no categories.json"),
         ([model, tmp_path / "ok.png", "--draw", tmp_path / "notes.png"],  # said "File exists", exit 1
          f"--draw {tmp_path / 'notes.png'}: not a folder (the boxed copies are written into one)"),
+        ([model, tmp_path / "ok.png", "--draw", tmp_path],  # replaced ok.png with its boxed copy, exit 0
+         f"--draw {tmp_path}: holds images given to predict, which the boxed copies would overwrite"),
     ]
     for args, message in cases:
         code, _, err = _predict(capsys, *args, "--out", tmp_path / "dets.json")
@@ -317,3 +319,4 @@ def test_bad_inputs_are_one_line_naming_what_is_wrong(untrained, tmp_path, capsy
         assert err.startswith("effsearch: error: ") and err.count("\n") == 1, err
         assert message in err, err
     assert not (tmp_path / "dets.json").exists()
+    assert not np.asarray(Image.open(tmp_path / "ok.png")).any()  # still the black image it was, no boxes drawn
