@@ -245,7 +245,7 @@ def _concurrency(job: Job, say: Callable[[str], None]) -> int:
     resources = job.resources
     per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
     held = trials_the_cluster_holds(per_worker, resources.workers_per_trial)
-    say(f"concurrency: {held} trials at once, what the cluster holds now (search.max_concurrent_trials sets it)")
+    say(f"concurrency: {counted(held, 'trial')} at once, what the cluster holds now (search.max_concurrent_trials sets it)")
     return held
 
 

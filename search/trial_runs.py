@@ -140,7 +140,8 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        if self.client.get_run(run_id).data.tags.get(STATE_TAG) == COMPLETE:
+        tags = self.client.get_run(run_id).data.tags
+        if tags.get(STATE_TAG) == COMPLETE:
             return  # recorded complete before the driver died; a resumed Tune may end it again
         result = trial.last_result or {}
         full = int(result.get("epoch", 0)) >= self.total_epochs and result.get(FULL_BUDGET_KEY) == 1
@@ -162,6 +163,9 @@ class MlflowTrialLogger(Callback):
                 self.client.set_tag(run_id, ERROR_TAG, reason)
                 self.client.set_tag(run_id, REASON_TAG, reason)
                 state = FAILED
+        if state == COMPLETE and REASON_TAG in tags:
+            # Left by an interrupted search ("--resume continues it"); the resumed trial has now completed.
+            self.client.delete_tag(run_id, REASON_TAG)
         self.client.set_tag(run_id, STATE_TAG, state)
         self.client.set_terminated(run_id, "FINISHED")
         if state == COMPLETE and time.monotonic() - self._drawn_at >= FRONTIER_REFRESH_S:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import start_cluster
 from search.cli import main
-from search.tracking import PARENT_TAG, TRIAL_ID_TAG
+from search.tracking import PARENT_TAG, REASON_TAG, TRIAL_ID_TAG
 from search.states import STATE_TAG
 from conftest import empty_mlflow_store
 
@@ -165,6 +165,8 @@ def test_jobs_stop_interrupts_the_search_and_submit_resume_finishes_it(jobs_api,
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
     (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
     assert parent.info.status == "KILLED"
+    stopped = {r.info.run_id for r in runs if r.data.tags.get(REASON_TAG, "").startswith("the search was stopped")}
+    assert stopped  # the trial that was training says why it stopped, and that --resume continues it
 
     # The stopped search continues where it was: same parent run, both trials, no trial trained twice over.
     assert main(["submit", str(job_file), "--address", jobs_api, "--store", str(tmp_path / "store"),
@@ -179,6 +181,8 @@ def test_jobs_stop_interrupts_the_search_and_submit_resume_finishes_it(jobs_api,
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     complete = [r for r in runs if r.data.tags.get(STATE_TAG) == "complete"]
     assert len({r.data.tags[TRIAL_ID_TAG] for r in complete}) == len(complete) == 2
+    # A stopped trial that the resumed search completed no longer says it was stopped.
+    assert stopped <= {r.info.run_id for r in complete} and not [r for r in complete if REASON_TAG in r.data.tags]
 
 
 def test_a_path_the_cluster_lacks_is_named_before_any_job_is_left(jobs_api, tmp_path, shapes, capsys, monkeypatch):
