@@ -60,12 +60,10 @@ def record_to_resume(store: Path, job_name: str) -> SearchRecord:
     return record
 
 
-def warm_start(storage, source: str, study_name: str, directions: list[str],
-               distributions: dict[str, optuna.distributions.BaseDistribution], budget: Budget) -> int:
-    """Copy the complete trials of study `source` (both objectives, their parameters) into `study_name`, which
-    must search the same space; returns how many were copied. Copying twice adds nothing. Under a budget each
-    copy carries its own constraints (its GFLOPs and parameters over the limits), as the new search's own trials
-    do."""
+def check_warm_start(storage, source: str, study_name: str,
+                     distributions: dict[str, optuna.distributions.BaseDistribution]) -> list:
+    """The complete trials of study `source` that a warm start of `study_name` would copy; a JobError naming
+    --warm-start if there are none, or if they searched another space."""
     if source == study_name:
         raise JobError(f"--warm-start {source}: a search already continues its own job's study; name another job")
     try:
@@ -82,6 +80,16 @@ def warm_start(storage, source: str, study_name: str, directions: list[str],
                 raise JobError(f"--warm-start {source}: its trials searched {name} over {distribution}, this job's "
                                f"space {'over ' + str(distributions[name]) if name in distributions else 'not at all'}"
                                f"; a warm start needs the same space and bounds")
+    return complete
+
+
+def warm_start(storage, source: str, study_name: str, directions: list[str],
+               distributions: dict[str, optuna.distributions.BaseDistribution], budget: Budget) -> int:
+    """Copy the complete trials of study `source` (both objectives, their parameters) into `study_name`, which
+    must search the same space; returns how many were copied. Copying twice adds nothing. Under a budget each
+    copy carries its own constraints (its GFLOPs and parameters over the limits), as the new search's own trials
+    do."""
+    complete = check_warm_start(storage, source, study_name, distributions)
     new = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                               directions=["maximize" if d == "max" else "minimize" for d in directions])
     copied = {t.user_attrs.get(WARM_START_ATTR) for t in new.trials}

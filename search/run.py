@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from search.continuation import SearchRecord, record_to_resume, save_record, warm_start
+from search.continuation import SearchRecord, check_warm_start, record_to_resume, save_record, warm_start
 from search.frontier import TrialPoint, record_frontier
 from search.interrupts import held_interrupts
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
@@ -60,6 +60,10 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     or KILLED."""
     store = store.resolve()
     record = record_to_resume(store, job.name) if resume else None
+    space = _space(job)
+    journal = _optuna_storage(store / "optuna.journal")
+    if warm_start_from and record is None:  # a bad --warm-start fails before the data is read or a run exists
+        check_warm_start(journal, warm_start_from, job.name, space_parameters(space))
     # Bad data fails here, in one line, before any run is created or Ray starts. The annotations are parsed
     # once, here, and every worker gets the compact index.
     data, reports = load_training_data(
@@ -67,10 +71,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         check=job.data.check, cache_bytes_per_node=int(job.data.cache_gib * 2**30), say=say)
     for report in reports.values():
         say(f"data: {report.summary()}")
-    space = _space(job)
     _check_fits(job, data, space)
     address = cluster_address(ray_address)  # a cluster that does not answer fails here, before any run exists
-    journal = _optuna_storage(store / "optuna.journal")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)

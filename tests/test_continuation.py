@@ -193,3 +193,22 @@ def test_a_search_whose_driver_was_killed_resumes_without_losing_or_repeating_a_
     print(f"killed {len(killed)} processes; finished before: {finished_before}; interrupted trials resumed from "
           f"epochs {resumed_from}")
     assert any(epoch and epoch >= 1 for epoch in resumed_from)
+
+
+def test_a_bad_warm_start_fails_before_the_data_is_read_and_leaves_no_run(tmp_path, shapes, monkeypatch):
+    """It failed after decoding both splits, and left a FAILED parent run with no reason each time."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import empty_mlflow_store
+    from search.job import parse_job
+    from search.run import run_search
+    from test_search import _raw
+
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    said = []
+    with pytest.raises(JobError, match=r"--warm-start nope: no search of that name in this store \(known: none\)"):
+        run_search(parse_job(_raw(shapes, "cold", search={"trials": 1})), store=tmp_path / "store",
+                   say=said.append, warm_start_from="nope")
+    assert not [line for line in said if line.startswith("data:")]
+    assert MlflowClient(uri).get_experiment_by_name("cold") is None
