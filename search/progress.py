@@ -18,6 +18,11 @@ class ProgressPrinter(Callback):
         self.numbers: dict[str, int] = {}
         self.done = 0
 
+    def __setstate__(self, state: dict) -> None:
+        # A resumed search unpickles this printer from Tune's state: its clock starts again, rather than counting
+        # the time the search was stopped.
+        self.__dict__.update(state, started=time.monotonic())
+
     def _say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.started)
         print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=self.stream or sys.stdout, flush=True)

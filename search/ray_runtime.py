@@ -103,6 +103,9 @@ def start_ray(address: ClusterAddress | None) -> None:
     # is, and the trial's MLflow run holds it; TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's back.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_list)
+    # A resumed search's results include the trials that never reported (interrupted before their first epoch,
+    # or turned away); Tune warns that it found no result file for each. The search counts them itself.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     # ray.init sets SIGTERM to sys.exit: a SIGTERM then killed the search by SIGABRT instead of ending it as Ctrl-C

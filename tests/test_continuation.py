@@ -212,3 +212,17 @@ def test_a_bad_warm_start_fails_before_the_data_is_read_and_leaves_no_run(tmp_pa
                    say=said.append, warm_start_from="nope")
     assert not [line for line in said if line.startswith("data:")]
     assert MlflowClient(uri).get_experiment_by_name("cold") is None
+
+
+def test_a_resumed_searchs_progress_clock_starts_again(capsys):
+    """Tune restores the progress printer from its pickled state on --resume: the elapsed time it prints is the
+    resumed search's ("[14:52]" counted the time the search was stopped)."""
+    import pickle
+
+    from search.progress import ProgressPrinter
+
+    printer = ProgressPrinter(total_trials=2, total_epochs=3)
+    printer.started -= 14 * 60
+    restored = pickle.loads(pickle.dumps(printer))
+    restored._say("resumed")
+    assert capsys.readouterr().out == "[00:00] resumed\n"
