@@ -39,9 +39,19 @@ def test_clean_dataset_reports_counts(tmp_path):
     assert "1 image without annotations; dropped 1 degenerate box (annotation ids 12)" in report.summary()
 
 
+def test_a_file_listed_under_two_image_ids_is_named_in_the_summary(tmp_path):
+    path = _dataset(tmp_path, annotations=[
+        {"id": 10, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "iscrowd": 0},
+    ], images=[{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+               {"id": 5, "file_name": "a.png", "width": 40, "height": 30}], files=("a.png",))
+    report = validate_split(path, tmp_path)
+    assert report.shared_files == (("a.png", (1, 5)),)
+    assert "; 1 file listed under several image ids (e.g. a.png: ids 1, 5)" in report.summary()
+
+
 def test_shapes_dataset_is_clean(shapes):
     report = validate_split(shapes["val"]["annotations"], shapes["val"]["images"])
-    assert report.images == 12 and report.degenerate_ids == () and report.clipped == 0
+    assert report.images == 12 and report.degenerate_ids == () and report.clipped == 0 and report.shared_files == ()
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -121,7 +131,7 @@ def test_train_and_val_must_share_categories(tmp_path):
 
 def test_duplicate_category_ids_are_rejected(tmp_path):
     path = _dataset(tmp_path, categories=[{"id": 2, "name": "x"}, {"id": 2, "name": "y"}])
-    with pytest.raises(DataError, match="category ids are not unique"):
+    with pytest.raises(DataError, match="ann.json: category id 2 appears twice"):
         validate_split(path, tmp_path)
 
 

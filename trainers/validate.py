@@ -42,6 +42,9 @@ class DataReport:
     degenerate_ids: tuple[int, ...] = ()
     images_checked: str = ""
     untrained_category_ids: tuple[int, ...] = ()  # val only: categories scored here with no box in train
+    # Files listed under more than one image id, (file_name, ids): in a val split each copy is scored, and the
+    # boxes of one id are false positives on the other unless both list them.
+    shared_files: tuple[tuple[str, tuple], ...] = ()
 
     def summary(self) -> str:
         text = (f"{self.annotation_file}: {counted(self.images, 'image')}, {counted(self.annotations, 'box')} "
@@ -54,6 +57,10 @@ class DataReport:
         if self.untrained_category_ids:
             text += (f"; categories {list(self.untrained_category_ids)} have boxes here but none to train on: AP "
                      f"averages over classes the model cannot learn")
+        if self.shared_files:
+            name, ids = self.shared_files[0]
+            text += (f"; {counted(len(self.shared_files), 'file')} listed under several image ids (e.g. {name}: ids "
+                     f"{', '.join(map(str, ids))})")
         if self.images_checked:
             text += f"; {self.images_checked}"
         return text
@@ -161,7 +168,8 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
     categories = sorted(data["categories"], key=lambda c: c["id"])
     category_ids = tuple(c["id"] for c in categories)
     if len(set(category_ids)) != len(category_ids):
-        raise DataError(f"{path}: category ids are not unique")
+        twice = sorted({c for c in category_ids if category_ids.count(c) > 1})
+        raise DataError(f"{path}: category id {twice[0]} appears twice")
     label_of = {c: label for label, c in enumerate(category_ids, 1)}
     report = DataReport(str(path), category_ids=category_ids)
 
@@ -172,6 +180,10 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
             raise DataError(f"{path}: image id {record['id']} appears twice")
         position[record["id"]] = i
     report.images = len(images)
+    ids_of: dict[str, list] = {}
+    for record in images:
+        ids_of.setdefault(record["file_name"], []).append(record["id"])
+    report.shared_files = tuple((name, tuple(ids)) for name, ids in ids_of.items() if len(ids) > 1)
 
     rows: list[tuple] = []  # (image position, annotation id, label, x, y, w, h, area, crowd)
     seen = set()
