@@ -114,6 +114,8 @@ def load_job(path: str | Path, *, paths_here: bool = True) -> Job:
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise JobError(f"{path}: malformed YAML{where}: {problem}") from None
+    if raw is None:  # nothing but comments, or nothing at all
+        raise JobError(f"{path}: the job file is empty (it needs at least name and data)")
     return parse_job(raw, source=str(path), base_dir=path.parent, paths_here=paths_here)
 
 

@@ -153,6 +153,7 @@ def _cli(*args, cwd):
 
 
 @pytest.mark.parametrize("content, fragment", [
+    ("# nothing yet\n", "the job file is empty (it needs at least name and data)"),
     ("name: t\ndata: [unclosed\n", "malformed YAML at line 3"),
     ("name: t\ndata: {train: {annotations: a.json, images: .}, val: {annotations: a.json, images: .}}\n"
      "serach: {trials: 2}\n", "job.serach: unknown key"),
