@@ -37,7 +37,8 @@ class ProgressPrinter(Callback):
         shape = ", ".join(f"{k}={spec[k]}" for k in ("image_size", "backbone_width", "backbone_depth",
                                                       "fpn_channels", "fpn_repeats", "neck", "head", "box_loss",
                                                       "assigner") if k in spec)
-        self._say(f"{self._name(trial)} started: {shape}")
+        again = trial.trial_id in self.numbers  # a retry after a failure, or a trial a --resume continues
+        self._say(f"{self._name(trial)} {'restarted from its last checkpoint' if again else 'started'}: {shape}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ap = result.get("map")

@@ -226,9 +226,9 @@ def _crashes_once_after_an_unsaved_epoch(config, *, setup):
             raise RuntimeError("the worker was lost")
 
 
-def test_an_epoch_reported_again_after_a_restart_is_recorded_once(tmp_path, shapes, monkeypatch, local_ray):
+def test_an_epoch_reported_again_after_a_restart_is_recorded_once(tmp_path, shapes, monkeypatch, capsys, local_ray):
     """A trial restarted from an earlier checkpoint reports some epochs again: each epoch stays one point of the
-    run's curves, the first attempt's."""
+    run's curves, the first attempt's. The console says it restarted, rather than "started" twice."""
     import sys
 
     import ray
@@ -253,3 +253,5 @@ def test_an_epoch_reported_again_after_a_restart_is_recorded_once(tmp_path, shap
     history = client.get_metric_history(run.info.run_id, "loss")
     assert outcome.failed == 0
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.5)]
+    out = capsys.readouterr().out
+    assert out.count("trial 1/1 started: ") == 1 and out.count("trial 1/1 restarted from its last checkpoint: ") == 1
