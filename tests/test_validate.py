@@ -261,7 +261,7 @@ def test_val_boxes_of_a_category_train_never_shows_are_named(tmp_path):
         {"id": 11, "image_id": 1, "category_id": 3, "bbox": [20, 2, 10, 10]}])
     _, reports = load_training_data(train, tmp_path, val, val_dir)
     assert reports["train"].untrained_category_ids == ()
-    assert ("categories [3] have boxes here but none to train on: AP averages over classes the model cannot learn"
+    assert ("categories 3 (y) have boxes here but none to train on: AP averages over classes the model cannot learn"
             in reports["val"].summary())
 
 

@@ -42,6 +42,7 @@ class DataReport:
     degenerate_ids: tuple[int, ...] = ()
     images_checked: str = ""
     untrained_category_ids: tuple[int, ...] = ()  # val only: categories scored here with no box in train
+    untrained_category_names: tuple[str, ...] = ()  # their names, in the same order
     # Files listed under more than one image id, (file_name, ids): in a val split each copy is scored, and the
     # boxes of one id are false positives on the other unless both list them.
     shared_files: tuple[tuple[str, tuple], ...] = ()
@@ -55,7 +56,9 @@ class DataReport:
             shown = ", ".join(map(str, self.degenerate_ids[:10])) + (" ..." if len(self.degenerate_ids) > 10 else "")
             text += f"; dropped {counted(len(self.degenerate_ids), 'degenerate box')} (annotation ids {shown})"
         if self.untrained_category_ids:
-            text += (f"; categories {list(self.untrained_category_ids)} have boxes here but none to train on: AP "
+            named = ", ".join(f"{i} ({name})" for i, name in zip(self.untrained_category_ids,
+                                                                 self.untrained_category_names))
+            text += (f"; categories {named} have boxes here but none to train on: AP "
                      f"averages over classes the model cannot learn")
         if self.shared_files:
             name, ids = self.shared_files[0]
@@ -90,6 +93,8 @@ def load_training_data(train_annotations, train_images, val_annotations, val_ima
                         f"nor degenerate)")
     untrained = np.setdiff1d(val.labels[val.trainable], train.labels[train.trainable])
     val_report.untrained_category_ids = tuple(int(c) for c in val.label_map.to_categories(untrained))
+    name_of = dict(zip(val.category_ids, val.category_names))
+    val_report.untrained_category_names = tuple(name_of[c] for c in val_report.untrained_category_ids)
     return (TrainingData(train, val, cache_bytes_per_node=cache_bytes_per_node),
             {"train": train_report, "val": val_report})
 
