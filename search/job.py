@@ -143,8 +143,6 @@ def model_name_problems(key: str, name: str, fix: str = "") -> list[str]:
     search, not at the promotion after it."""
     if not any(c in name for c in "/:"):
         return []
-    if key == "job.name":
-        fix = "; set job.model_name to one without them"
     return [f"{key}: {name!r} is the registered model's name, and MLflow's model names cannot contain '/' or ':'"
             f"{fix}"]
 
@@ -205,7 +203,7 @@ def _check_values(job: Job, source: str) -> None:
     if not job.name.strip():
         problems.append("job.name: must not be empty")
     problems.extend(model_name_problems(*(("job.model_name", job.model_name) if job.model_name else
-                                          ("job.name", job.name))))
+                                          ("job.name", job.name, "; set job.model_name to one without them"))))
     if job.data.check not in CHECK_MODES:
         problems.append(f"job.data.check: must be one of {', '.join(CHECK_MODES)}, got {job.data.check!r}")
     if job.data.cache_gib < 0:

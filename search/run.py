@@ -162,7 +162,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         ended = True
         # A search in which no trial finished training has failed (the CLI exits 1): its parent run says so,
         # with the reason, rather than FINISHED.
-        failure = "" if any(r.error is None for r in results) else _no_trial_finished(results, searcher)
+        first_error = _first_error(results, searcher)
+        failure = "" if any(r.error is None for r in results) else _no_trial_finished(len(results), first_error)
         status = "FAILED" if failure else "FINISHED"
         if failure:
             client.set_tag(parent_id, REASON_TAG, failure[:4000])
@@ -182,7 +183,6 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                     save_record(store, job.name, SearchRecord(parent_id, tune_path, finished=True))
     failed = [r for r in results if r.error is not None]
     pruned = [r for r in results if r.error is None and (r.metrics or {}).get(FULL_BUDGET_KEY) != 1]
-    first_error = _first_error(results, searcher)
     return SearchOutcome(experiment_id, parent_id, frontier, len(results) - len(failed), len(failed), first_error,
                          feasible_share, len(pruned), failure)
 
@@ -192,12 +192,11 @@ def _first_error(results, searcher: BudgetedOptunaSearch) -> str | None:
     return error_line(str(failed[0].error)) if failed else searcher.exhausted
 
 
-def _no_trial_finished(results, searcher: BudgetedOptunaSearch) -> str:
+def _no_trial_finished(trials: int, first_error: str | None) -> str:
     """The parent run's reason when no trial finished: the same words the CLI ends with."""
-    first_error = _first_error(results, searcher)
-    if len(results) == 0:
+    if trials == 0:
         return f"no trial started: {first_error or 'the searcher proposed nothing'}"
-    return f"no trial of {len(results)} finished training" + (f" (first failure: {first_error})" if first_error else "")
+    return f"no trial of {trials} finished training" + (f" (first failure: {first_error})" if first_error else "")
 
 
 def _record_proposals(client: MlflowClient, parent_id: str, searcher: BudgetedOptunaSearch,
