@@ -284,3 +284,20 @@ def test_a_box_just_over_1_px_is_trained_on_and_scored_alike(tmp_path):
     index, report = index_split(path, tmp_path)
     assert report.degenerate_ids == (11,) and index.trainable.tolist() == [True, False]
     assert sorted(index.coco_ground_truth().getAnnIds()) == [10]
+
+
+@pytest.mark.parametrize("on_disk, in_json", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_a_file_name_in_the_other_unicode_form_is_found(tmp_path, on_disk, in_json):
+    # macOS writes names decomposed (NFD); a JSON written elsewhere usually holds them composed (NFC).
+    import unicodedata
+
+    from trainers.data import CocoDetection
+
+    name = "café.png"
+    disk_name, json_name = (unicodedata.normalize(form, name) for form in (on_disk, in_json))
+    assert disk_name != json_name
+    path = _dataset(tmp_path, files=(disk_name,),
+                    images=[{"id": 1, "file_name": json_name, "width": 40, "height": 30}])
+    index, report = index_split(path, tmp_path, check="full")
+    assert report.images == 1 and index.file_names == (disk_name,)
+    assert CocoDetection(index, image_size=32, train=False)._image(0).size == (40, 30)

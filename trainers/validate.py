@@ -5,6 +5,7 @@ import json
 import math
 import random
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,12 +236,24 @@ def _index(data: dict, path: Path, image_dir: Path) -> tuple[SplitIndex, DataRep
         annotation_file=str(path), image_dir=str(image_dir), category_ids=category_ids,
         category_names=tuple(str(c["name"]) for c in categories),
         image_ids=np.array([r["id"] for r in images], dtype=np.int64),
-        file_names=tuple(r["file_name"] for r in images),
+        file_names=tuple(_on_disk(image_dir, r["file_name"]) for r in images),
         sizes=np.array([(r["width"], r["height"]) for r in images], dtype=np.int64).reshape(-1, 2),
         first_box=np.searchsorted(table[:, 0], np.arange(len(images) + 1)).astype(np.int64),
         boxes=boxes, labels=table[:, 2], annotation_ids=table[:, 1], areas=values[:, 4].astype(np.float32),
         crowd=crowd, trainable=trainable)
     return index, report
+
+
+def _on_disk(image_dir: Path, name: str) -> str:
+    """`name` as the folder spells it. macOS writes names decomposed (NFD) and most tools compose them (NFC), so a
+    dataset copied between the two can name 'café.jpg' in a form the folder does not hold; the two look identical
+    in any message. Only non-ASCII names can differ, so only they cost a lookup."""
+    if name.isascii():
+        return name
+    for form in (name, unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name)):
+        if (image_dir / form).exists():
+            return form
+    return name
 
 
 def check_images(index: SplitIndex, mode: str, *, say: Callable[[str], None] | None = None) -> str:
