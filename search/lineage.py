@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainers.words import counted
+
 # On the parent run and on every trial run: a trial is compared only with trials of the same data and epoch budget.
 DATA_HASH_TAG = "effsearch.data_hash"
 EPOCHS_TAG = "effsearch.epochs"
@@ -46,7 +48,7 @@ class Comparable:
         return f"tags.`{DATA_HASH_TAG}` = '{self.data_hash}' and tags.`{EPOCHS_TAG}` = '{self.epochs}'"
 
     def describe(self) -> str:
-        return f"data {self.data_hash}, {self.epochs} epochs"
+        return f"data {self.data_hash}, {counted(self.epochs, 'epoch')}"
 
 
 def training_key(comparable: Comparable, settings: dict) -> str:

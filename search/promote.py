@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from search.frontier import FrontierError, experiment_frontier, experiment_id_for
 from search.job import model_name_problems
-from search.lineage import DATA_HASH_TAG, EPOCHS_TAG, SPLIT_HASH_TAG
+from search.lineage import DATA_HASH_TAG, EPOCHS_TAG, SPLIT_HASH_TAG, Comparable
 from search.states import COMPLETE, PRUNED, STATE_TAG
-from search.tracking import ERROR_TAG, FRONTIER_TAG, MODEL_URI_TAG, PARENT_TAG, REASON_TAG
+from search.tracking import ERROR_TAG, MODEL_URI_TAG, PARENT_TAG, REASON_TAG
 
 PRODUCTION, PREVIOUS = "production", "previous"
 RUN_ID_TAG = "run_id"  # on a model version: the trial run it was trained in (idempotence reads it)
@@ -121,11 +121,26 @@ def _checked_run(client, experiment, experiment_id, run_id, force):
     if state != COMPLETE:
         raise PromotionRefused(f"{label} was pruned" + (f" ({why})" if why else "") + "; only complete runs are "
                                "promoted")
-    if tags.get(FRONTIER_TAG) != "true" and not force:
-        raise PromotionRefused(f"{label} is not on the frontier; --force promotes it anyway")
+    if not force:
+        _check_on_frontier(client, experiment_id, run, label)
     if not tags.get(MODEL_URI_TAG):
         raise PromotionRefused(f"{label} has no logged model (tag {MODEL_URI_TAG} is missing)")
     return run
+
+
+def _check_on_frontier(client: MlflowClient, experiment_id: str, run, label: str) -> None:
+    """The run is on the frontier that `effsearch frontier` and a promotion by budget use: the latest search's data
+    and epochs. (Its frontier tag says only whether it leads its own data and epochs, which may be older.)"""
+    found = experiment_frontier(client, experiment_id)
+    if run.info.run_id in {p.run_id for p in found.front}:
+        return
+    own = Comparable.from_tags(run.data.tags)
+    if found.among is not None and own != found.among:
+        trained = own.describe() if own else "no data hash"
+        raise PromotionRefused(f"{label} was trained on other data or another epoch budget ({trained}) than the "
+                               f"latest search ({found.among.describe()}), whose frontier promotion uses; "
+                               f"--force promotes it anyway")
+    raise PromotionRefused(f"{label} is not on the frontier; --force promotes it anyway")
 
 
 def _register(client: MlflowClient, experiment: str, name: str, run) -> str:

@@ -279,3 +279,33 @@ def test_a_model_name_mlflow_cannot_register_is_refused_in_one_line(tmp_path):
         promote(client, "anything", max_gflops=1.0, model_name="bad/name")
     with pytest.raises(PromotionRefused, match=r"^promote EXPERIMENT: 'team:x' is .*; give --model-name$"):
         promote(client, "team:x", max_gflops=1.0)
+
+
+def test_a_run_of_an_older_epoch_budget_is_not_promoted_by_its_own_frontier_tag(tmp_path, monkeypatch, capsys):
+    """Two searches of one experiment with 1 and then 2 epochs: the 1-epoch run still leads its own budget (its
+    frontier tag stays true, which gc relies on), but promotion compares with the latest search, as `frontier`
+    does, and says why it refuses."""
+    from mlflow.tracking import MlflowClient
+
+    from search.lineage import Comparable
+
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("budgets")
+    trials = {}
+    for start, epochs in ((1_000, 1), (2_000, 2)):
+        among = Comparable("d" * 16, epochs).tags()
+        parent = client.create_run(experiment_id, start_time=start, tags={"effsearch.kind": "search", **among})
+        trial = client.create_run(experiment_id, start_time=start + 1, tags={
+            PARENT_TAG: parent.info.run_id, STATE_TAG: COMPLETE, FRONTIER_TAG: "true", MODEL_URI_TAG: "models:/m-1",
+            **among})
+        client.log_metric(trial.info.run_id, "map", 0.5 if epochs == 1 else 0.3)
+        client.log_metric(trial.info.run_id, "gflops", 0.1)
+        for run in (parent, trial):
+            client.set_terminated(run.info.run_id, "FINISHED")
+        trials[epochs] = trial.info.run_id
+    err = _one_line_refusal(capsys, "promote", "budgets", "--run-id", trials[1])
+    assert (f"run {trials[1]} (" in err and "was trained on other data or another epoch budget "
+            f"(data {'d' * 16}, 1 epoch) than the latest search (data {'d' * 16}, 2 epochs)" in err
+            and "--force promotes it anyway" in err), err

@@ -201,7 +201,7 @@ def test_only_trials_of_the_same_data_and_epoch_budget_are_compared(tmp_path, sh
     capsys.readouterr()
     assert main(["frontier", "budgets"]) == 0
     said = capsys.readouterr().out.splitlines()[0]
-    assert said == (f"budgets: compared 2 complete runs of 2 searches (data {found.among.data_hash}, 1 epochs); "
+    assert said == (f"budgets: compared 2 complete runs of 2 searches (data {found.among.data_hash}, 1 epoch); "
                     "1 complete run of other data or epoch budgets is not compared"), said
 
 

@@ -7,3 +7,4 @@ def test_counts_pluralise_the_last_word_of_the_noun():
     assert counted(1, "box") == "1 box" and counted(3, "degenerate box") == "3 degenerate boxes"
     assert counted(2, "search") == "2 searches" and counted(1, "search") == "1 search"
     assert counted(2, "complete run") == "2 complete runs"
+    assert counted(2, "epoch") == "2 epochs" and counted(3, "batch") == "3 batches"  # "epoches" was printed
