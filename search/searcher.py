@@ -247,6 +247,11 @@ class BudgetedOptunaSearch(OptunaSearch):
         counted = [g for g, _ in self.proposals[-MAX_PROPOSALS:] if g is not None]
         cheapest = f" (the cheapest {min(counted):.3f} GFLOPs)" if counted else ""
         budgeted = self._budget != Budget()
+        if budgeted and not self._trained:  # nothing was trained, so every one was over the budget
+            least = f"; the cheapest needs {min(counted):.3f} GFLOPs" if counted else ""
+            self.exhausted = f"{what} were over the budget ({self._budget.describe()}{least}): raise the budget or " \
+                             "widen the space"
+            return Searcher.FINISHED
         why = f"over the budget ({self._budget.describe()}) or already trained{cheapest}" if budgeted \
             else "already trained"
         self.exhausted = f"{what} were {why}: raise the budget, widen the space, or ask for fewer trials"
