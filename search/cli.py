@@ -317,7 +317,8 @@ def _frontier(args) -> int:
         print(json.dumps([p.as_dict() for p in found.front], indent=2))
     else:
         print(f"{args.experiment}: {found.describe()}")
-        print(format_table(found.front))
+        if found.front:
+            print(format_table(found.front))
     return 0
 
 

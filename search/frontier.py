@@ -96,6 +96,8 @@ class ExperimentFrontier:
     left_out: int  # complete runs of other data or epoch budgets
 
     def describe(self) -> str:
+        if not self.compared and not self.left_out:
+            return "no trial of this experiment has finished training"
         where = self.among.describe() if self.among else "runs recorded before data hashes"
         text = (f"compared {counted(len(self.compared), 'complete run')} of {counted(self.searches, 'search')} "
                 f"({where})")

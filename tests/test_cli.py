@@ -40,6 +40,15 @@ def test_frontier_of_unknown_experiment_is_one_line(mlflow_uri, capsys):
     assert err.startswith("effsearch: error: no experiment named 'nope'") and "\n" not in err
 
 
+def test_the_frontier_of_an_experiment_with_no_finished_trial_says_so(mlflow_uri, capsys):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(mlflow_uri).create_experiment("empty")
+    capsys.readouterr()
+    assert main(["frontier", "empty"]) == 0
+    # It said "compared 0 complete runs of 0 searches (runs recorded before data hashes)" over a bare table header.
+    assert capsys.readouterr().out == "empty: no trial of this experiment has finished training\n"
+
 
 def _main_in_a_fresh_interpreter(command, cwd=None, env=()):
     """main(command) in a new Python, so that nothing an earlier test imported counts; it prints the exit status
