@@ -102,6 +102,10 @@ def start_ray(address: ClusterAddress | None) -> None:
     # the list of trials that did not complete. The progress line says what went wrong and where the traceback
     # is, and the trial's MLflow run holds it; TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's back.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Trials of epochs shorter than a few seconds checkpoint faster than Tune's 5 s threshold for snapshots of
+    # its experiment state, and Tune then printed a 3-line warning between the progress lines (seen in a 3-epoch
+    # search of about 1 s an epoch). A snapshot of a search takes milliseconds: there is nothing to act on.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune.tune").addFilter(_drop_incomplete_trials_list)
     # A resumed search's results include the trials that never reported (interrupted before their first epoch,
     # or turned away); Tune warns that it found no result file for each. The search counts them itself.
