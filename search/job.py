@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from search.job_yaml import read_yaml
-from spaces import enqueued_params, fixed_value_problems, make_space, space_names
+from spaces import enqueued_params, fixed_value_problems, make_space, space_names, warmup_bound
 from trainers.errors import InputError
 from trainers.recipe import TrainConfig
 from trainers.validate import CHECK_MODES
@@ -190,6 +190,8 @@ def _check_values(job: Job, source: str) -> None:
             enqueued_params(job.search.space, job.search.enqueue, job.search.bounds)
         except ConfigError as err:
             problems.append(str(err))
+    if space_ok and not problems:
+        problems.extend(_warmup_problems(job))
     for key in ("workers_per_trial", "cpus_per_worker"):
         if getattr(job.resources, key) < 1:
             problems.append(f"job.resources.{key}: must be >= 1")
@@ -210,6 +212,23 @@ def _check_values(job: Job, source: str) -> None:
         problems.append("job.data.cache_gib: must be >= 0")
     if problems:
         raise JobError(f"{source}: {problems[0]}")
+
+
+def _warmup_problems(job: Job) -> list[str]:
+    """Warmup must end before the run does (the schedule would cut it short, and the searched value would differ
+    from the one trained): the training space's range, and train.warmup_epochs, against train.epochs."""
+    epochs = job.train.epochs
+    bound = warmup_bound(job.search.space, job.search.bounds)
+    if bound is not None and bound[1] >= epochs:
+        given = "training" in job.search.bounds and "warmup_epochs" in (job.search.bounds.get("training") or {})
+        return [f"job.search.bounds.training.warmup_epochs: [{bound[0]:g}, {bound[1]:g}]"
+                f"{'' if given else ' (the default)'} "
+                f"reaches train.epochs ({epochs}); warmup must end before the run does, e.g. "
+                f"warmup_epochs: [0, {epochs / 2:g}]"]
+    if bound is None and job.train.warmup_epochs >= epochs:
+        return [f"job.train.warmup_epochs: {job.train.warmup_epochs:g} is not shorter than train.epochs ({epochs}); "
+                f"warmup must end before the run does"]
+    return []
 
 
 STORAGE_VARIABLE = "EFFSEARCH_STORAGE_PATH"

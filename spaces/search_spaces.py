@@ -167,6 +167,14 @@ def make_space(space: str | list[str], bounds: dict | None = None) -> Space:
     return parts[0][1] if len(parts) == 1 else ComposedSpace(parts)
 
 
+def warmup_bound(space: str | list[str], bounds: dict | None) -> tuple[float, float] | None:
+    """The warmup_epochs range the training space samples, when the job searches it (it composes, so its bounds
+    are keyed by name); None otherwise. The job checks it against train.epochs, which the space does not know."""
+    if "training" not in space_names(space) or isinstance(space, str):
+        return None
+    return training_bounds((bounds or {}).get("training") or {}, "job.search.bounds.training").warmup_epochs
+
+
 def space_label(space: str | list[str]) -> str:
     return space if isinstance(space, str) else " + ".join(space)
 

@@ -84,6 +84,15 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path, shapes):
     ({"search": ["space: [bifpn, training]", "enqueue: [d0, {batch_size: 12}]"]},
      "job.search.enqueue[1].batch_size: 12 is not one of the bifpn + training space's values (one of 8, 16, 32)"),
     ({"search": ["space: {bifpn: 1}"]}, "job.search.space: must be a string"),
+    # Warmup must end before the run: the schedule cut it short, and the run's train.warmup_epochs was not what
+    # it trained with (a walkthrough's 1-epoch [compound, training] search logged 2.0 and 1.75).
+    ({"search": ["space: [bifpn, training]"], "train": ["epochs: 2"]},
+     "job.search.bounds.training.warmup_epochs: [0, 2] (the default) reaches train.epochs (2); warmup must "
+     "end before the run does, e.g. warmup_epochs: [0, 1]"),
+    ({"search": ["space: [bifpn, training]", "bounds: {training: {warmup_epochs: [0, 3]}}"], "train": ["epochs: 3"]},
+     "job.search.bounds.training.warmup_epochs: [0, 3] reaches train.epochs (3)"),
+    ({"train": ["epochs: 1", "warmup_epochs: 5"]},
+     "job.train.warmup_epochs: 5 is not shorter than train.epochs (1); warmup must end before the run does"),
     ({"search": ["max_concurrent_trials: 0"]}, "job.search.max_concurrent_trials: must be >= 1"),
     ({"search": ["trials: 1"], "train": ["epochs: 1"], "search ": ["trials: 2"]},
      "malformed YAML at line 9 column 1: key 'search' appears twice (lines 5 and 9)"),
