@@ -177,7 +177,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("describe", help="parameters, GFLOPs and input size of a preset (d0..d7x) or a spec file")
     p.add_argument("model", help="a preset name (d0..d7x) or a spec YAML/JSON file")
-    p.add_argument("--num-classes", type=int, default=90, help="classes for a preset (COCO's 90 by default)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes: a preset's (COCO's 90 if not given), or in place of a spec file's num_classes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--choices", action="store_true",
                    help="also the params and GFLOPs with each neck, head, assigner and box loss swapped in")
@@ -386,12 +387,15 @@ def _gc(args) -> int:
     return 0
 
 
+COCO_CLASSES = 90  # a preset's classes when describe is given none
+
+
 def _describe(args) -> int:
     from spaces import PRESETS, preset
     from trainers.spec import ModelSpec
 
     if args.model.lower() in PRESETS:
-        spec = preset(args.model, num_classes=args.num_classes)
+        spec = preset(args.model, num_classes=args.num_classes or COCO_CLASSES)
     else:
         path = Path(args.model)
         if not path.is_file():
@@ -404,6 +408,11 @@ def _describe(args) -> int:
             raw = read_yaml(path.read_text())  # JSON is YAML too
         except yaml.YAMLError as err:
             raise UsageError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+        if isinstance(raw, dict) and {"data", "search"} & raw.keys():
+            raise UsageError(f"{path} is a job file; describe takes a preset ({', '.join(PRESETS)}) or a model spec "
+                             f"file (the fields of trainers/spec.py's ModelSpec)")
+        if isinstance(raw, dict) and args.num_classes is not None:
+            raw = {**raw, "num_classes": args.num_classes}
         spec = ModelSpec.from_dict(raw, where=str(path))
     from trainers.cost import model_cost  # torch: only once the input is known good
 

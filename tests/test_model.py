@@ -105,6 +105,22 @@ def test_describe_reads_a_spec_file(tmp_path, capsys):
     assert "image_size: must be a positive multiple" in capsys.readouterr().err
 
 
+def test_describe_takes_num_classes_for_a_spec_file_and_refuses_a_job_file(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("image_size: 128\nmax_level: 5\nbackbone_family: efficientnet_lite\n")
+    assert main(["describe", str(spec), "--num-classes", "3", "--json"]) == 0  # it said num_classes was missing
+    assert json.loads(capsys.readouterr().out)["spec"]["num_classes"] == 3
+    spec.write_text("num_classes: 3\nimage_size: 128\nmax_level: 5\nbackbone_family: efficientnet_lite\n")
+    assert main(["describe", str(spec), "--num-classes", "5", "--json"]) == 0  # it described 3 classes
+    assert json.loads(capsys.readouterr().out)["spec"]["num_classes"] == 5
+    job = tmp_path / "job.yaml"
+    job.write_text("name: t\ndata: {train: {annotations: a.json, images: i}}\nsearch: {trials: 2}\n")
+    assert main(["describe", str(job)]) == 2
+    assert capsys.readouterr().err == (f"effsearch: error: {job} is a job file; describe takes a preset (d0, d1, d2, "
+                                       "d3, d4, d5, d6, d7, d7x) or a model spec file (the fields of "
+                                       "trainers/spec.py's ModelSpec)\n")
+
+
 def test_backbone_keeps_effdet_stochastic_depth_and_takes_the_spec_bn_momentum():
     from timm.layers import DropPath
 
