@@ -256,12 +256,12 @@ def _promote_and_report(experiment: str, **choice):
     mlflow.set_tracking_uri(uri)
     promotion = promote(MlflowClient(uri), experiment, **choice)
     if not promotion.changed:
-        print(f"\nrun {promotion.run_name} ({promotion.run_id}) is already production, as version "
+        print(f"run {promotion.run_name} ({promotion.run_id}) is already production, as version "
               f"{promotion.version}: nothing changed")
         return promotion
     budget = ", ".join(f"{key.removeprefix('max_')} <= {value:g}" for key, value in choice.items()
                        if key.startswith("max_") and value is not None)
-    print(f"\npromoted run {promotion.run_name} ({promotion.run_id}): AP {promotion.map:.3f}, "
+    print(f"promoted run {promotion.run_name} ({promotion.run_id}): AP {promotion.map:.3f}, "
           f"{promotion.gflops:.3f} GFLOPs{f' (budget {budget})' if budget else ''}, as version {promotion.version}")
     print(f"production model: {promotion.uri}")
     if promotion.previous_version:

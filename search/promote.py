@@ -1,6 +1,8 @@
 """Promotion: register a frontier model with its lineage, point `production` at it and `previous` at the one before."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -148,7 +150,10 @@ def _register(client: MlflowClient, experiment: str, name: str, run) -> str:
     if not model_uri:
         raise PromotionRefused(f"run {run.info.run_id} ({run.info.run_name}) has no logged model "
                                f"(tag {MODEL_URI_TAG} is missing)")
-    version = str(mlflow.register_model(model_uri, name).version)
+    # MLflow prints "Successfully registered model ..." and "Created version ..." to stderr; the command says
+    # what it did in its own words, on stdout.
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = str(mlflow.register_model(model_uri, name).version)
     for key, value in _lineage(client, experiment, run).items():
         client.set_model_version_tag(name, version, key, value)
     return version

@@ -196,6 +196,8 @@ def test_a_run_off_the_frontier_needs_force_and_one_without_a_model_is_refused(s
     err = _one_line_refusal(capsys, "promote", NAME, "--run-id", off.info.run_id, "--model-name", "forced")
     assert "is not on the frontier; --force promotes it anyway" in err
     assert main(["promote", NAME, "--run-id", off.info.run_id, "--force", "--model-name", "forced"]) == 0
+    out, err = capsys.readouterr()  # MLflow's own "Successfully registered model" lines went to stderr
+    assert err == "" and out.startswith(f"promoted run {off.info.run_name} ({off.info.run_id})"), (out, err)
     assert client.get_model_version_by_alias("forced", PRODUCTION).tags["run_id"] == off.info.run_id
     no_model = next(r for r in complete if MODEL_URI_TAG not in r.data.tags)
     err = _one_line_refusal(capsys, "promote", NAME, "--run-id", no_model.info.run_id, "--force")
