@@ -84,12 +84,13 @@ def check_warm_start(storage, source: str, study_name: str,
 
 
 def warm_start(storage, source: str, study_name: str, directions: list[str],
-               distributions: dict[str, optuna.distributions.BaseDistribution], budget: Budget) -> int:
+               distributions: dict[str, optuna.distributions.BaseDistribution], budget: Budget, *,
+               checked: list | None = None) -> int:
     """Copy the complete trials of study `source` (both objectives, their parameters) into `study_name`, which
     must search the same space; returns how many were copied. Copying twice adds nothing. Under a budget each
     copy carries its own constraints (its GFLOPs and parameters over the limits), as the new search's own trials
-    do."""
-    complete = check_warm_start(storage, source, study_name, distributions)
+    do. `checked` is what check_warm_start returned, when the caller has checked already."""
+    complete = checked if checked is not None else check_warm_start(storage, source, study_name, distributions)
     new = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                               directions=["maximize" if d == "max" else "minimize" for d in directions])
     copied = {t.user_attrs.get(WARM_START_ATTR) for t in new.trials}

@@ -62,8 +62,9 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
     record = record_to_resume(store, job.name) if resume else None
     space = _space(job)
     journal = _optuna_storage(store / "optuna.journal")
+    warm_trials = None
     if warm_start_from and record is None:  # a bad --warm-start fails before the data is read or a run exists
-        check_warm_start(journal, warm_start_from, job.name, space_parameters(space))
+        warm_trials = check_warm_start(journal, warm_start_from, job.name, space_parameters(space))
     # Bad data fails here, in one line, before any run is created or Ray starts. The annotations are parsed
     # once, here, and every worker gets the compact index.
     data, reports = load_training_data(
@@ -100,7 +101,8 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
             for key, value in comparable.tags().items():
                 client.set_tag(parent_id, key, value)
         if warm_start_from and record is None:
-            copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space), _budget(job))
+            copied = warm_start(journal, warm_start_from, job.name, MODES, space_parameters(space), _budget(job),
+                                checked=warm_trials)
             client.set_tag(parent_id, WARM_START_TAG, warm_start_from)
             say(f"warm start: {copied} complete trials of {warm_start_from!r} seed this search's study")
         storage_path = _storage_path(job, store)

@@ -245,16 +245,17 @@ class BudgetedOptunaSearch(OptunaSearch):
 
     def _finish(self, what: str) -> str:
         counted = [g for g, _ in self.proposals[-MAX_PROPOSALS:] if g is not None]
-        cheapest = f" (the cheapest {min(counted):.3f} GFLOPs)" if counted else ""
-        budgeted = self._budget != Budget()
-        if budgeted and not self._trained:  # nothing was trained, so every one was over the budget
-            least = f"; the cheapest needs {min(counted):.3f} GFLOPs" if counted else ""
-            self.exhausted = f"{what} were over the budget ({self._budget.describe()}{least}): raise the budget or " \
-                             "widen the space"
-            return Searcher.FINISHED
-        why = f"over the budget ({self._budget.describe()}) or already trained{cheapest}" if budgeted \
-            else "already trained"
-        self.exhausted = f"{what} were {why}: raise the budget, widen the space, or ask for fewer trials"
+        cheapest = f"{min(counted):.3f} GFLOPs" if counted else ""
+        budget = self._budget.describe()
+        if self._budget == Budget():
+            self.exhausted = f"{what} were already trained: widen the space, or ask for fewer trials"
+        elif not self._trained:  # nothing was trained, so every one was over the budget
+            least = f"; the cheapest needs {cheapest}" if cheapest else ""
+            self.exhausted = f"{what} were over the budget ({budget}{least}): raise the budget or widen the space"
+        else:
+            least = f" (the cheapest {cheapest})" if cheapest else ""
+            self.exhausted = (f"{what} were over the budget ({budget}) or already trained{least}: raise the budget, "
+                              "widen the space, or ask for fewer trials")
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
