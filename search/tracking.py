@@ -42,8 +42,8 @@ def artifact_location(uri: str, experiment_name: str) -> str | None:
     return (db.parent / "artifacts" / experiment_name).resolve().as_uri()
 
 
-# What the experiment is, for MLflow: model training, not GenAI. MLflow 3.17.2's UI does not read it yet (its
-# build picks the view from the URL's workflowType, else the browser's last choice, else GenAI: seen in
+# What the experiment is, for MLflow: model training, not GenAI. MLflow 3.17.2's and 3.18.0's UIs do not read it yet
+# (their builds pick the view from the URL's workflowType, else the browser's last choice, else GenAI: seen in
 # tests/test_browser.py), so the links effsearch prints carry UI_TRAINING_VIEW too.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_TRAINING_VIEW = "workflowType=machine_learning"
