@@ -240,7 +240,7 @@ def _run_and_report(job, address=None, **continuation):
           f"Frontier (parent run {outcome.parent_run_id}):")
     print(format_table(outcome.frontier) if outcome.frontier else "(empty: no trial of this experiment has finished "
           "training)")
-    if outcome.failure:  # no trial finished; the frontier may still hold an earlier search's trials
+    if outcome.failure:  # no trial finished, or the data is at fault; the frontier keeps what finished
         raise SearchFailed(outcome.failure)
     return outcome
 

@@ -16,6 +16,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from search.continuation import SearchRecord, check_warm_start, record_to_resume, save_record, warm_start
+from search.data_errors import StopAtDataError
 from search.frontier import TrialPoint, record_frontier
 from search.interrupts import held_interrupts
 from search.job import STORAGE_VARIABLE, Job, JobError, storage_location
@@ -46,7 +47,9 @@ class SearchOutcome:
     # With search.max_gflops: the share of the sampler's proposals within budget, first and second half.
     feasible_share: tuple[float, float] | None = None
     pruned: int = 0  # of the finished trials, those the scheduler stopped early
-    failure: str = ""  # when no trial finished: why, in one line (the parent run's effsearch.reason)
+    # When the search failed (no trial finished, or a trial met a fault in the data): why, in one line (the parent
+    # run's effsearch.reason).
+    failure: str = ""
 
 
 def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAULT_STORE,
@@ -145,7 +148,7 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage_path,
                     callbacks=[logger, ProgressPrinter(job.search.trials, job.train.epochs), CSVLoggerCallback(),
-                               JsonLoggerCallback(), *callbacks],
+                               JsonLoggerCallback(), StopAtDataError(searcher.halt), *callbacks],
                     # A one-worker trial trains in Tune's trial and resumes from Tune's checkpoints; several
                     # workers are restarted by their TorchTrainer instead, from Train's.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
@@ -166,6 +169,10 @@ def run_search(job: Job, *, ray_address: str | None = None, store: Path = DEFAUL
         # with the reason, rather than FINISHED.
         first_error = _first_error(results, searcher)
         failure = "" if any(r.error is None for r in results) else _no_trial_finished(len(results), first_error)
+        if searcher.halted:  # a fault in the data fails the search, whatever finished before it
+            hint = " (data.check: full finds every such image before a search starts)" if job.data.check != "full" \
+                else ""
+            failure = f"the search stopped at a fault in the data, which every trial would meet: {searcher.halted}{hint}"
         status = "FAILED" if failure else "FINISHED"
         if failure:
             client.set_tag(parent_id, REASON_TAG, failure[:4000])

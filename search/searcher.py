@@ -161,6 +161,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.repeats_of_running = 0  # proposals of a configuration that was training at the time
         self.exhausted = ""
+        self.halted = ""  # why the search was stopped from outside (halt), if it was
         self._key_of: dict[str, str] = {}  # Tune trial id -> its model spec's key, while it trains
         self._distributions: dict[str, set[BaseDistribution]] = {}  # parameter -> the distributions proposed with
         self._settled: set[str] = set()  # parameter sets whose proposal is turned away for good
@@ -182,7 +183,13 @@ class BudgetedOptunaSearch(OptunaSearch):
             key = configuration_key(config, self._cost_of(config["spec"]).architecture)
             self._trained.setdefault(key, (list(trial.values), trial.number))
 
+    def halt(self, reason: str) -> None:
+        """Propose no more trials (the ones running go on); the first reason is kept."""
+        self.halted = self.halted or reason
+
     def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.halted:
+            return Searcher.FINISHED
         if self._only_training_left():
             return None  # Tune asks again; by then a trial has ended, and its set is trained or free again
         for _ in range(MAX_PROPOSALS):

@@ -549,6 +549,55 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         assert "in _raise_if_nonfinite" in traceback and reason.search(traceback)  # the frames, where it failed
 
 
+def test_a_fault_in_the_data_that_a_trial_meets_stops_the_search(tmp_path, monkeypatch, capfd, local_ray):
+    """With data.check: headers, a truncated image passes the check, and the first trial to decode it fails. The
+    data is every trial's, so the search starts no other: the CLI exits 1 with one line naming the image, the
+    trial's run and the parent are FAILED with it, and nothing is left RUNNING. (A diverging loss, the test above,
+    is one configuration's, and the search goes on after it.)"""
+    import json
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from search.cli import main
+    from trainers.shapes import make_shapes
+
+    data = make_shapes(tmp_path / "data", train_images=8, val_images=4, seed=3)
+    images = json.loads(Path(data["train"]["annotations"]).read_text())["images"]
+    broken = Path(data["train"]["images"]) / images[3]["file_name"]
+    blob = broken.read_bytes()
+    broken.write_bytes(blob[: len(blob) // 2])
+    raw = {
+        "name": "broken-image",
+        "data": {"train": data["train"], "val": data["val"], "check": "headers"},
+        "search": {"space": "lite_cpu", "trials": 3, "max_concurrent_trials": 1, "seed": 0},
+        "train": {"epochs": 1, "batch_size": 8},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},  # max_failures 1: Tune retries it once
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    capfd.readouterr()
+    assert main(["search", str(job)]) == 1
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, out + err
+    assert err.strip().count("\n") == 0, err
+    assert err.startswith("effsearch: error: the search stopped at a fault in the data, which every trial would "
+                          f"meet: {broken}: cannot read image id {images[3]['id']}: "), err
+    assert err.strip().endswith("(data.check: full finds every such image before a search starts)"), err
+    assert len([line for line in out.splitlines() if " did not train: " in line]) == 1, out
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("broken-image")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`effsearch.kind` = 'search'")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[REASON_TAG] == err.strip().removeprefix("effsearch: error: ")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    assert run.info.status == "FAILED" and run.data.tags[STATE_TAG] == FAILED
+    assert str(broken) in run.data.tags[REASON_TAG]
+
+
 _MULTI_LINE = ("Expected to have finished reduction in the prior iteration before starting a new one.\n"
                "Parameter indices which did not receive grad for rank 0: 92 93\n"
                " In addition, you can set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or DETAIL")
