@@ -147,6 +147,10 @@ class BudgetedOptunaSearch(OptunaSearch):
     parameter set of a finite space is turned away for good, it ends the search (Searcher.FINISHED) and says why
     in `exhausted`. `fixed` is search.fixed, which the sampler holds."""
 
+    # Why the search was stopped from outside (halt), if it was. A class default, not set in __init__: a search
+    # interrupted under an earlier version is resumed from a pickle of this object that has no such attribute.
+    halted = ""
+
     def __init__(self, space, *, cost_of: Callable[[dict], ModelShape], budget: Budget = Budget(),
                  enqueued_labels: tuple[str, ...] = (), trained_under: str = "", fixed: dict | None = None,
                  **kwargs):
@@ -161,7 +165,6 @@ class BudgetedOptunaSearch(OptunaSearch):
         self.repeats = 0  # proposals answered with an earlier trial's results
         self.repeats_of_running = 0  # proposals of a configuration that was training at the time
         self.exhausted = ""
-        self.halted = ""  # why the search was stopped from outside (halt), if it was
         self._key_of: dict[str, str] = {}  # Tune trial id -> its model spec's key, while it trains
         self._distributions: dict[str, set[BaseDistribution]] = {}  # parameter -> the distributions proposed with
         self._settled: set[str] = set()  # parameter sets whose proposal is turned away for good
