@@ -502,15 +502,30 @@ def test_promote_refuses_an_impossible_budget(searched):
         promote(client, job.name, max_gflops=0.001)
 
 
+def _failing_cli_search(tmp_path, raw, monkeypatch, capfd):
+    """`effsearch search JOB` on the raw job, in tmp_path with an empty store; asserts it exits 1 and returns
+    (store uri, stdout, stderr), read from the file descriptors: Ray's log handler writes to the stderr it found."""
+    import yaml
+
+    from search.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    uri = empty_mlflow_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    capfd.readouterr()
+    assert main(["search", str(job)]) == 1
+    out, err = capfd.readouterr()
+    return uri, out, err
+
+
 def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path, shapes, monkeypatch, capfd,
                                                                         local_ray):
     """...and a search in which no trial finished says so: the CLI exits 1 with one line, each failure is one
     progress line (no Ray traceback on the console), the traceback is the run's error.txt, and the parent run
     is FAILED with the reason."""
-    import yaml
     from mlflow.tracking import MlflowClient
-
-    from search.cli import main
 
     raw = {
         "name": "diverging",
@@ -520,14 +535,7 @@ def test_a_trial_whose_loss_diverges_fails_alone_and_the_search_goes_on(tmp_path
         "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e+12, "warmup_epochs": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 0},
     }
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    uri = empty_mlflow_store(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    capfd.readouterr()
-    assert main(["search", str(job)]) == 1
-    out, err = capfd.readouterr()  # the file descriptors: Ray's log handler writes to the stderr it found
+    uri, out, err = _failing_cli_search(tmp_path, raw, monkeypatch, capfd)
     reason = re.compile(r"loss became non-finite at epoch 1 step \d+")
     assert "Traceback" not in out + err and "Trials did not complete" not in out + err, out + err
     failures = [line for line in out.splitlines() if " did not train: " in line]
@@ -556,10 +564,8 @@ def test_a_fault_in_the_data_that_a_trial_meets_stops_the_search(tmp_path, monke
     is one configuration's, and the search goes on after it.)"""
     import json
 
-    import yaml
     from mlflow.tracking import MlflowClient
 
-    from search.cli import main
     from trainers.shapes import make_shapes
 
     data = make_shapes(tmp_path / "data", train_images=8, val_images=4, seed=3)
@@ -574,14 +580,7 @@ def test_a_fault_in_the_data_that_a_trial_meets_stops_the_search(tmp_path, monke
         "train": {"epochs": 1, "batch_size": 8},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},  # max_failures 1: Tune retries it once
     }
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    uri = empty_mlflow_store(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    capfd.readouterr()
-    assert main(["search", str(job)]) == 1
-    out, err = capfd.readouterr()
+    uri, out, err = _failing_cli_search(tmp_path, raw, monkeypatch, capfd)
     assert "Traceback" not in out + err, out + err
     assert err.strip().count("\n") == 0, err
     assert err.startswith("effsearch: error: the search stopped at a fault in the data, which every trial would "
