@@ -7,9 +7,11 @@ from typing import Callable
 from ray.tune import Callback
 
 from search.trial_runs import error_summary
+from trainers.validate import DataError
 
-# The line error_summary finds for a trainers.validate.DataError raised in a trial, or in one of its workers.
-_DATA_ERROR = re.compile(r"^(?:\w+\.)*DataError: (?P<message>.+)$")
+# The line error_summary finds for a DataError raised in a trial, or in one of its workers: the class's qualified
+# name, as a traceback prints it (any other class that happens to be called DataError is not one).
+_DATA_ERROR = re.compile(rf"^{re.escape(f'{DataError.__module__}.{DataError.__qualname__}')}: (?P<message>.+)$")
 
 
 def data_error_of(trial) -> str:
