@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,22 @@ def load_detector(model_uri: str, device=None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    except (MlflowException, OSError) as err:
-        raise PredictError(f"{model_uri}: cannot load an MLflow model: {_first_line(err)}") from None
+    # Into a folder of ours, deleted once the model is in memory: without dst_path MLflow downloads a runs:/ URI
+    # into a temporary folder that nothing deletes, a copy of the model in /tmp for every call.
+    with tempfile.TemporaryDirectory(prefix="effsearch-predict-") as scratch:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch))
+        except (MlflowException, OSError) as err:
+            raise PredictError(f"{model_uri}: cannot load an MLflow model: {_first_line(err)}") from None
+        return _detector_in(local, model_uri, device)
+
+
+def _detector_in(local: Path, model_uri: str, device):
+    """The Detector of the model folder `local`, read into memory (the caller deletes the folder)."""
     # torch, effdet and timm once the model is found: a wrong name or URI is answered without them
     import mlflow.pytorch
     import torch
+    from mlflow.exceptions import MlflowException
 
     from trainers.checkpoint import CATEGORIES_FILE, SPEC_FILE
     from trainers.predict import Detector, on_device

@@ -174,11 +174,19 @@ def _true_positives(detections: list[dict], truth: dict[str, list]) -> int:
     return hits
 
 
-def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(untrained, fresh, tmp_path, capsys):
+def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(untrained, fresh, tmp_path, capsys,
+                                                                            monkeypatch):
+    import tempfile
+
     import mlflow
 
     images = sorted(fresh["images"].iterdir())[:3] + [fresh["resized_dir"] / "resized-0.png"]
     local = mlflow.artifacts.download_artifacts(f"models:/{UNTRAINED}@production", dst_path=str(tmp_path))
+    # Every temporary folder of the calls below, MLflow's included, goes here: predict must leave none behind
+    # (MLflow's own download of a runs:/ URI left a copy of the model in /tmp for every call).
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     results = []
     # An untrained model's boxes are noise, but at threshold 0 there are plenty of them to compare and draw.
     for uri in (f"models:/{UNTRAINED}@production", f"runs:/{untrained['current']}/model", local):
@@ -188,6 +196,7 @@ def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(unt
         assert code == 0, err
         assert f"drawn copies in {tmp_path / 'drawn'}" in stdout
         results.append(json.loads(out.read_text()))
+        assert not list(temp.iterdir()), f"{uri} left {[p.name for p in temp.iterdir()]}"
     assert results[0] and results[0] == results[1] == results[2]
     for image in images:
         drawn = Image.open(tmp_path / "drawn" / image.name)
@@ -196,7 +205,7 @@ def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(unt
         assert np.asarray(drawn.convert("RGB")).tolist() != np.asarray(original).tolist()  # boxes drawn on it
 
 
-def test_a_model_folder_saved_in_the_trial_is_logged_as_it_is_and_one_missing_is_exported(store):
+def test_a_model_folder_saved_in_the_trial_is_logged_as_it_is_and_one_missing_is_exported(store, tmp_path):
     """log_model uploads the folder a trial saved beside its checkpoint (a file only the trial wrote shows it was
     not exported again); for a checkpoint without one it exports the model itself. Both load as graphs whose
     outputs are the checkpoint's network's, and neither keeps MLflow's JSON copies of the input example."""
@@ -225,7 +234,8 @@ def test_a_model_folder_saved_in_the_trial_is_logged_as_it_is_and_one_missing_is
         files = {p.name for p in Path(model.artifact_location.removeprefix("file://")).rglob("*")}
         assert ("written-in-the-trial" in files) == (kind == "saved"), files
         assert "model.pt2" in files and not any("input_example" in name for name in files), files
-        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        (tmp_path / kind).mkdir()
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model", dst_path=str(tmp_path / kind))
         with torch.no_grad():
             outputs = loaded(x)
         for got, want in zip((*outputs[0], *outputs[1]), (*expected[0], *expected[1]), strict=True):
@@ -277,13 +287,13 @@ def test_an_untrained_model_predicts_on_any_image_size(untrained, tmp_path, caps
         assert 0 <= x and 0 <= y and x + w <= 333.01 and y + h <= 171.01
 
 
-def test_the_graph_moves_to_another_device(untrained):
+def test_the_graph_moves_to_another_device(untrained, tmp_path):
     """The GPU path, checked here on the meta device: the device torch.export burnt into the graph moves too."""
     import mlflow.pytorch
 
     from trainers.predict import on_device
 
-    graph = mlflow.pytorch.load_model(f"runs:/{untrained['current']}/model")
+    graph = mlflow.pytorch.load_model(f"runs:/{untrained['current']}/model", dst_path=str(tmp_path))
     assert any(n.kwargs.get("device") == torch.device("cpu") for n in graph.graph.nodes)
     moved = on_device(graph, torch.device("meta"))
     assert not any(n.kwargs.get("device") == torch.device("cpu") for n in moved.graph.nodes)

@@ -226,7 +226,7 @@ def test_a_version_carries_its_lineage(store):
     assert tags["effsearch.epochs"] == "2" and tags["effsearch.data_hash"] == run.data.tags["effsearch.data_hash"]
 
 
-def test_gc_lists_then_deletes_only_unregistered_models_off_the_frontier(store, capsys):
+def test_gc_lists_then_deletes_only_unregistered_models_off_the_frontier(store, capsys, tmp_path):
     from pathlib import Path
 
     from mlflow.exceptions import MlflowException
@@ -263,7 +263,7 @@ def test_gc_lists_then_deletes_only_unregistered_models_off_the_frontier(store, 
     import mlflow.pytorch
 
     for name in ("gc-kept", "gc-kept-off"):
-        assert mlflow.pytorch.load_model(f"models:/{name}@{PRODUCTION}") is not None
+        assert mlflow.pytorch.load_model(f"models:/{name}@{PRODUCTION}", dst_path=str(tmp_path)) is not None
     with pytest.raises(PromotionRefused):
         rollback(client, "no-such-model")
 

@@ -482,13 +482,13 @@ def test_promote_sets_production(searched):
     assert first.run_id in {p.run_id for p in outcome.frontier}
 
 
-def test_promoted_model_loads_and_runs(searched):
+def test_promoted_model_loads_and_runs(searched, tmp_path):
     import mlflow.pytorch
     import torch
 
     outcome, client, job = searched
     promotion = promote(client, job.name, max_gflops=BUDGET)
-    model = mlflow.pytorch.load_model(promotion.uri)
+    model = mlflow.pytorch.load_model(promotion.uri, dst_path=str(tmp_path))
     size = int(client.get_run(promotion.run_id).data.params["image_size"])
     classes, boxes = model(torch.zeros(2, 3, size, size))
     assert classes[0].shape[0] == 2 and boxes[0].shape[1] == 9 * 4
