@@ -12,6 +12,7 @@ from conftest import training_data
 from trainers.loop import NonFiniteLoss, OutOfMemory, TrialPlan, fit
 from trainers.recipe import TrainConfig, build_optimizer, build_schedule
 from trainers.spec import ModelSpec
+from trainers.staging import staging_root
 from trainers.typed import ConfigError, from_mapping
 
 SPEC = ModelSpec(num_classes=3, backbone_family="efficientnet_lite", backbone_width=0.5, backbone_depth=0.5,
@@ -28,11 +29,12 @@ class _Recorder:
 
     def __init__(self, folder, stop_after_epoch=None):
         self.folder, self.stop_after_epoch = folder, stop_after_epoch
-        self.metrics, self.checkpoints = [], []
+        self.metrics, self.checkpoints, self.given = [], [], []
 
     def __call__(self, metrics, checkpoint_dir):
         saved = None
         if checkpoint_dir:
+            self.given.append(Path(checkpoint_dir))
             saved = self.folder / f"epoch{metrics['epoch']}"
             shutil.copytree(checkpoint_dir, saved)
         self.metrics.append(metrics)
@@ -55,6 +57,8 @@ def test_fit_reports_and_checkpoints_every_epoch_and_saves_a_reloadable_model(sh
     assert last["eval_images"] == 12 and last["world_size"] == 1 and last["shard_overlap"] == 0
     assert last["loss"] < first["loss"]
     assert all(folder is not None for folder in reports.checkpoints)
+    # Each was staged (trainers/staging.py), where a later trial removes it if this one is killed, and is gone.
+    assert all(given.parent.parent == staging_root() and not given.exists() for given in reports.given)
     model, spec = load_model(reports.checkpoints[-1])
     assert spec == SPEC
     with torch.no_grad():

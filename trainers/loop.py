@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from trainers.evaluate import CocoEvaluator, evaluate_all
 from trainers.model import build_model, labeler, predict_bench, train_bench
 from trainers.recipe import Placement, TrainConfig, autocast_dtype, build_optimizer, build_schedule, placement
 from trainers.spec import ModelSpec
+from trainers.staging import staged_folder
 from trainers.syncbn import convert_sync_batchnorm
 
 # report(metrics, checkpoint_dir or None)
@@ -182,7 +182,8 @@ def fit(plan: TrialPlan, report: Report, *, rank: int = 0, world_size: int = 1, 
         if rank != 0:
             report(metrics, None)
             continue
-        with tempfile.TemporaryDirectory() as folder:
+        # Staged, not a TemporaryDirectory: a trial killed while its report waits leaves it, and the next removes it.
+        with staged_folder() as folder:
             save_checkpoint(folder, spec=spec, model=model, ema_model=ema and ema.module, deploy=deploy, state={
                 "epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "accuracy": accuracy, "deploy": deploy},

@@ -1,0 +1,76 @@
+"""Staged checkpoint folders: one a killed process left is removed by the next, one a live process holds is kept."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from trainers.staging import CHECKPOINT, LOCK_FILE, staged_folder, staging_root, sweep_dead
+
+# A process that stages a folder, writes into it, says where, and waits to be killed inside the block.
+HOLDER = """
+import sys, time
+from trainers.staging import staged_folder
+with staged_folder() as folder:
+    open(folder + "/weights", "w").write("x")
+    print(folder, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def temp(tmp_path, monkeypatch):
+    """tempfile's folder, here and in the processes started below, is the test's own."""
+    folder = tmp_path / "temp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _holding(temp: Path) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, stdout=subprocess.PIPE, text=True)
+    folder = Path(process.stdout.readline().strip())
+    assert (folder / "weights").is_file(), folder
+    return process, folder.parent
+
+
+def test_a_killed_holders_folder_is_removed_by_the_next_and_a_live_ones_is_kept(temp):
+    killed, killed_holder = _holding(temp)
+    live, live_holder = _holding(temp)
+    try:
+        assert killed_holder.parent == live_holder.parent == staging_root()
+        os.kill(killed.pid, signal.SIGKILL)  # no finally runs, as when Ray kills a trial inside its report
+        killed.wait(timeout=30)
+        assert (killed_holder / CHECKPOINT / "weights").is_file()  # what a TemporaryDirectory would leave for good
+        # Old enough for the sweep (the default waits 10 minutes, which no test would).
+        with staged_folder(min_age_s=0) as mine:
+            assert not killed_holder.exists()
+            assert (live_holder / CHECKPOINT / "weights").is_file()
+            assert Path(mine).is_dir() and Path(mine).parent.parent == staging_root()
+        assert not Path(mine).parent.exists()  # left normally, it is deleted at once
+        assert sweep_dead(staging_root(), min_age_s=0) == []  # the live holder's is still held
+        assert live_holder.exists()
+    finally:
+        for process in (killed, live):
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+    assert sweep_dead(staging_root(), min_age_s=0) == [live_holder]  # killed too now
+    assert list(staging_root().iterdir()) == []
+
+
+def test_a_young_folder_is_not_swept_and_one_left_without_its_lock_is(temp):
+    """Between a folder's creation and its lock a sweep must not take it for dead: it waits until the folder is
+    min_age_s old. One whose process died in that gap has no lock file, and goes once it is old enough."""
+    root = staging_root()
+    root.mkdir()
+    unlocked = Path(tempfile.mkdtemp(dir=root))
+    assert not (unlocked / LOCK_FILE).exists()
+    assert sweep_dead(root) == []  # younger than SWEEP_MIN_AGE_S
+    assert unlocked.exists()
+    assert sweep_dead(root, min_age_s=0) == [unlocked]
+    assert not unlocked.exists()
