@@ -39,7 +39,7 @@ def _step(model, x, upstream):
             "conv_grad": model[0].weight.grad, "running_mean": bn.running_mean, "running_var": bn.running_var}
 
 
-def _worker(rank, world, port, kind, out):
+def _worker(rank, world, port, kind, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -50,7 +50,7 @@ def _worker(rank, world, port, kind, out):
         # Parameter gradients are per-rank partial sums (DDP would all-reduce them): sum them here too.
         for key in ("w_grad", "b_grad", "conv_grad"):
             dist.all_reduce(got[key])
-        out[rank] = {k: v.clone() for k, v in got.items()}
+        torch.save({k: v.clone() for k, v in got.items()}, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -62,16 +62,16 @@ def _free_port():
 
 
 @pytest.mark.parametrize("kind", ["bn", "bn_act"])
-def test_two_gloo_processes_match_one_process(kind):
+def test_two_gloo_processes_match_one_process(kind, tmp_path):
     reference_model = _make(kind).train()
     x, upstream = _data()
     expected = _step(reference_model, x, upstream)
 
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), kind, out), nprocs=2, join=True)
+    # Results come back in files: an mp.Manager is forked from this process, and after the Ray tests (their threads)
+    # a forked Manager once died of "double free or corruption", failing the test on nothing SyncBN did.
+    mp.spawn(_worker, args=(2, _free_port(), kind, tmp_path), nprocs=2, join=True)
     for rank in (0, 1):
-        got = out[rank]
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         half = slice(rank * 4, rank * 4 + 4)
         torch.testing.assert_close(got["y"], expected["y"][half], atol=TOL, rtol=TOL)
         torch.testing.assert_close(got["x_grad"], expected["x_grad"][half], atol=TOL, rtol=TOL)
@@ -106,13 +106,13 @@ def test_single_process_falls_back_to_plain_batchnorm():
     torch.testing.assert_close(synced(x), plain(x))
 
 
-def _bf16_worker(rank, world, port, out):
+def _bf16_worker(rank, world, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         bn = CpuSyncBatchNorm(6).train()
         x = _offset_data()[rank * 4:rank * 4 + 4].to(torch.bfloat16)  # what autocast hands a BN under amp: bf16
-        out[rank] = {"y": bn(x).float().detach(), "running_var": bn.running_var.clone()}
+        torch.save({"y": bn(x).float().detach(), "running_var": bn.running_var.clone()}, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -122,15 +122,13 @@ def _offset_data():
     return torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(2)) * 0.5 + 50
 
 
-def test_bf16_inputs_keep_float32_statistics():
+def test_bf16_inputs_keep_float32_statistics(tmp_path):
     x = _offset_data()
     expected = nn.BatchNorm2d(6).train()
     want = expected(x.to(torch.bfloat16).float()).detach()  # the same bf16-rounded values, statistics in float32
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_bf16_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_bf16_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)  # files, not a Manager: see above
     for rank in (0, 1):
-        got = out[rank]
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         # bf16 output rounding (~0.4% of a value of order 1) is all that may differ.
         torch.testing.assert_close(got["y"], want[rank * 4:rank * 4 + 4], atol=0.03, rtol=0.01)
         torch.testing.assert_close(got["running_var"], expected.running_var, atol=1e-3, rtol=1e-3)
