@@ -5,10 +5,12 @@ packages `chromium` and `chromium-driver`; .ci/run installs them). Screenshots g
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -154,8 +156,16 @@ class Page:
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1400,1000", "--lang=en-US"):
             options.add_argument(flag)
-        self.driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+        # Chromium's own temporary folders (its profile's singleton socket) in one of ours, deleted on close: it
+        # left one in /tmp for every browser.
+        self.temp = tempfile.mkdtemp(prefix="chromium-")
+        service = Service(str(CHROMEDRIVER), env={**os.environ, "TMPDIR": self.temp})
+        self.driver = webdriver.Chrome(options=options, service=service)
         self.base, self.folder, self.shots = base, folder, []
+
+    def close(self) -> None:
+        self.driver.quit()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
     def open(self, route: str, *texts: str) -> str:
         """Load base/#route afresh (the app reads some routes only when it mounts) and wait for texts."""
@@ -203,7 +213,7 @@ class Page:
 def browser(server):
     page = Page(server)
     yield page
-    page.driver.quit()
+    page.close()
 
 
 @pytest.fixture
@@ -222,7 +232,7 @@ def fresh_page(server, tmp_path):
     """A browser of its own: a new profile, with nothing in its localStorage."""
     page = Page(server, tmp_path)
     yield page
-    page.driver.quit()
+    page.close()
 
 
 def _runs_route(experiment_id: str, search_filter: str | None = None) -> str:
