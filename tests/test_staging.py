@@ -74,3 +74,25 @@ def test_a_young_folder_is_not_swept_and_one_left_without_its_lock_is(temp):
     assert unlocked.exists()
     assert sweep_dead(root, min_age_s=0) == [unlocked]
     assert not unlocked.exists()
+
+
+def test_on_a_file_system_without_flock_checkpoints_still_stage_and_nothing_is_swept(temp, monkeypatch):
+    """Some Lustre mounts answer flock with ENOSYS; a checkpoint must still be written there, and since no lock can
+    be read, no folder may be taken for dead. No such file system runs here, so flock is made to refuse."""
+    import errno
+    import fcntl
+
+    root = staging_root()
+    root.mkdir()
+    old = Path(tempfile.mkdtemp(dir=root))
+    (old / LOCK_FILE).touch()
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with staged_folder(min_age_s=0) as folder:
+        (Path(folder) / "weights").write_text("x")
+        assert old.exists()  # its lock cannot be read: kept
+    assert not Path(folder).parent.exists()
+    assert sweep_dead(root, min_age_s=0) == [] and old.exists()

@@ -40,7 +40,10 @@ def staged_folder(*, min_age_s: float = SWEEP_MIN_AGE_S) -> Iterator[str]:
     holder = Path(tempfile.mkdtemp(dir=root))
     lock = os.open(holder / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        # A file system without flock (a Lustre mount without the option) refuses it: the folder then goes unlocked,
+        # and no sweep on that file system can take it for dead either.
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         folder = holder / CHECKPOINT
         folder.mkdir()
         yield str(folder)
@@ -68,7 +71,7 @@ def sweep_dead(root: Path, *, min_age_s: float = SWEEP_MIN_AGE_S) -> list[Path]:
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process holds it (or another sweep, which is removing it)
+        except OSError:  # a live process holds it, another sweep is removing it, or flock cannot tell here
             continue
         else:
             shutil.rmtree(holder, ignore_errors=True)
