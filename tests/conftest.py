@@ -128,6 +128,17 @@ def training_data(paths, **options):
 
 
 @pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """tempfile's folder (MLflow's and ours alike) is the test's own, empty: a test can then see what was left."""
+    import tempfile
+
+    folder = tmp_path / "temp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
 def ray_tmpdir(monkeypatch):
     """A Ray temp folder of the test's own, so that a cluster's address file is not the machine's; short, since
     Ray's socket paths must fit 107 characters."""

@@ -175,18 +175,13 @@ def _true_positives(detections: list[dict], truth: dict[str, list]) -> int:
 
 
 def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(untrained, fresh, tmp_path, capsys,
-                                                                            monkeypatch):
-    import tempfile
-
+                                                                            own_tempdir):
     import mlflow
 
     images = sorted(fresh["images"].iterdir())[:3] + [fresh["resized_dir"] / "resized-0.png"]
     local = mlflow.artifacts.download_artifacts(f"models:/{UNTRAINED}@production", dst_path=str(tmp_path))
-    # Every temporary folder of the calls below, MLflow's included, goes here: predict must leave none behind
-    # (MLflow's own download of a runs:/ URI left a copy of the model in /tmp for every call).
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # Every temporary folder of the calls below, MLflow's included, goes to own_tempdir: predict must leave none
+    # behind (MLflow's own download of a runs:/ URI left a copy of the model in /tmp for every call).
     results = []
     # An untrained model's boxes are noise, but at threshold 0 there are plenty of them to compare and draw.
     for uri in (f"models:/{UNTRAINED}@production", f"runs:/{untrained['current']}/model", local):
@@ -196,7 +191,7 @@ def test_models_runs_and_local_uris_give_the_same_detections_and_draw_copies(unt
         assert code == 0, err
         assert f"drawn copies in {tmp_path / 'drawn'}" in stdout
         results.append(json.loads(out.read_text()))
-        assert not list(temp.iterdir()), f"{uri} left {[p.name for p in temp.iterdir()]}"
+        assert not list(own_tempdir.iterdir()), f"{uri} left {[p.name for p in own_tempdir.iterdir()]}"
     assert results[0] and results[0] == results[1] == results[2]
     for image in images:
         drawn = Image.open(tmp_path / "drawn" / image.name)

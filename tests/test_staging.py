@@ -6,13 +6,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from trainers.staging import CHECKPOINT, LOCK_FILE, staged_folder, staging_root, sweep_dead
 
 # A process that stages a folder, writes into it, says where, and waits to be killed inside the block.
 HOLDER = """
-import sys, time
+import time
 from trainers.staging import staged_folder
 with staged_folder() as folder:
     open(folder + "/weights", "w").write("x")
@@ -21,27 +19,21 @@ with staged_folder() as folder:
 """
 
 
-@pytest.fixture
-def temp(tmp_path, monkeypatch):
-    """tempfile's folder, here and in the processes started below, is the test's own."""
-    folder = tmp_path / "temp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
-def _holding(temp: Path) -> tuple[subprocess.Popen, Path]:
+def _holding(temp: Path, started: list) -> tuple[subprocess.Popen, Path]:
+    """A HOLDER process with TMPDIR temp (added to started, for the caller to end), and its folder's holder."""
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).parents[1])}
     process = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, stdout=subprocess.PIPE, text=True)
+    started.append(process)
     folder = Path(process.stdout.readline().strip())
     assert (folder / "weights").is_file(), folder
     return process, folder.parent
 
 
-def test_a_killed_holders_folder_is_removed_by_the_next_and_a_live_ones_is_kept(temp):
-    killed, killed_holder = _holding(temp)
-    live, live_holder = _holding(temp)
+def test_a_killed_holders_folder_is_removed_by_the_next_and_a_live_ones_is_kept(own_tempdir):
+    started = []
     try:
+        killed, killed_holder = _holding(own_tempdir, started)
+        live, live_holder = _holding(own_tempdir, started)
         assert killed_holder.parent == live_holder.parent == staging_root()
         os.kill(killed.pid, signal.SIGKILL)  # no finally runs, as when Ray kills a trial inside its report
         killed.wait(timeout=30)
@@ -55,7 +47,7 @@ def test_a_killed_holders_folder_is_removed_by_the_next_and_a_live_ones_is_kept(
         assert sweep_dead(staging_root(), min_age_s=0) == []  # the live holder's is still held
         assert live_holder.exists()
     finally:
-        for process in (killed, live):
+        for process in started:  # each by its own handle, whatever failed
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=30)
@@ -63,7 +55,7 @@ def test_a_killed_holders_folder_is_removed_by_the_next_and_a_live_ones_is_kept(
     assert list(staging_root().iterdir()) == []
 
 
-def test_a_young_folder_is_not_swept_and_one_left_without_its_lock_is(temp):
+def test_a_young_folder_is_not_swept_and_one_left_without_its_lock_is(own_tempdir):
     """Between a folder's creation and its lock a sweep must not take it for dead: it waits until the folder is
     min_age_s old. One whose process died in that gap has no lock file, and goes once it is old enough."""
     root = staging_root()
@@ -76,7 +68,7 @@ def test_a_young_folder_is_not_swept_and_one_left_without_its_lock_is(temp):
     assert not unlocked.exists()
 
 
-def test_on_a_file_system_without_flock_checkpoints_still_stage_and_nothing_is_swept(temp, monkeypatch):
+def test_on_a_file_system_without_flock_checkpoints_still_stage_and_nothing_is_swept(own_tempdir, monkeypatch):
     """Some Lustre mounts answer flock with ENOSYS; a checkpoint must still be written there, and since no lock can
     be read, no folder may be taken for dead. No such file system runs here, so flock is made to refuse."""
     import errno
